@@ -1,0 +1,21 @@
+"""vcpo_optim: variance-controlled off-policy RL for LLM policies in PyTorch.
+
+- :func:`effective_sample_size`: log-space ESS of importance weights.
+- :class:`VCPOAdamW`, :class:`VCPOAdam`, :class:`VCPOSGD`, :func:`ess_scaled`:
+  torch.optim subclasses that scale each step's lr by (ESS/B)^p.
+"""
+
+from vcpo_optim.ess import ESSResult, effective_sample_size
+from vcpo_optim.optim import VCPOSGD, ESSStepStats, VCPOAdam, VCPOAdamW, ess_scaled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VCPOSGD",
+    "ESSResult",
+    "ESSStepStats",
+    "VCPOAdam",
+    "VCPOAdamW",
+    "effective_sample_size",
+    "ess_scaled",
+]
