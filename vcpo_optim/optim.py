@@ -36,7 +36,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from vcpo_optim import ess as _ess
-from vcpo_optim.distributed import GroupArg, all_gather_rows, get_rank, resolve_group
+from vcpo_optim.distributed import (
+    GroupArg,
+    all_gather_rows,
+    collective_device,
+    get_rank,
+    resolve_group,
+)
 
 __all__ = ["VCPOSGD", "ESSStepStats", "VCPOAdam", "VCPOAdamW", "ess_scaled"]
 
@@ -232,7 +238,7 @@ class _ESSScaling:
                 raise
             x = importance_weights if importance_weights is not None else log_weights
             device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-            self._vcpo_pending.append(_Pending(_ess.malformed_row(device), exc))
+            self._vcpo_pending.append(_Pending(_ess.malformed_row(device), error=exc))
             return
         summary = None
         if not distributed:
@@ -265,7 +271,9 @@ class _ESSScaling:
             )
             total = local
         else:
-            rows = all_gather_rows(local, group)
+            # Combine on the collective's device, the same on every rank (a rank
+            # that observed nothing, or CPU weights, must not round differently).
+            rows = all_gather_rows(local, group).to(collective_device(group, device))
             try:
                 summary = _ess.check_statistics(rows)
             except ValueError as exc:
