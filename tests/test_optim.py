@@ -423,6 +423,14 @@ def test_bad_mask_shape_raises_before_anything_changes() -> None:
     assert not all(torch.equal(p, q) for p, q in zip(snap[0], model.parameters()))
 
 
+def test_step_takes_a_mask() -> None:
+    opt = VCPOAdamW(make_model().parameters())
+    opt.step(importance_weights=torch.tensor([1.0, 9.0, 0.0, 0.0]), mask=torch.tensor([True, False, True, True]))
+    assert int(opt.last_stats.n) == 3 and float(opt.last_stats.ess) == 1.0
+    with pytest.raises(ValueError, match="mask but no"):
+        opt.step(mask=torch.ones(2, dtype=torch.bool))
+
+
 def test_zero_grad_starts_a_new_window() -> None:
     model = make_model()
     opt = VCPOAdamW(model.parameters())

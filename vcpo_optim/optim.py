@@ -317,6 +317,7 @@ class _ESSScaling:
         *,
         importance_weights: Any = None,
         log_weights: Any = None,
+        mask: Any = None,
     ) -> Any:
         """Observe optional weights, then run the base optimizer's step at the scaled lr.
 
@@ -326,6 +327,7 @@ class _ESSScaling:
                 weights it observes count for this step). Default ``None``.
             importance_weights: weights to :meth:`observe` first. Default ``None``.
             log_weights: log weights to :meth:`observe` first. Default ``None``.
+            mask: mask for those weights (see :meth:`observe`). Default ``None``.
 
         The step's ESS uses everything observed since the last step, reduced
         once over the process group. If nothing was observed (on any rank) the
@@ -333,7 +335,9 @@ class _ESSScaling:
         ``group["weight_decay"]`` are restored before this returns or raises.
         """
         if importance_weights is not None or log_weights is not None:
-            self.observe(importance_weights, log_weights=log_weights)
+            self.observe(importance_weights, log_weights=log_weights, mask=mask)
+        elif mask is not None:
+            raise ValueError("step() got a mask but no importance_weights or log_weights")
         loss = None
         if closure is not None:
             with torch.enable_grad():
