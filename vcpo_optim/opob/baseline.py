@@ -1,0 +1,101 @@
+"""The off-policy optimal baseline b* per scope (DESIGN.md section 2).
+
+For a scope ``s`` (a prompt group, or the whole batch) with per-sample squared
+gradient norms ``n_i`` and rewards ``R_i``:
+
+* ``agg="mean"``: ``b_s = sum_{i in s} n_i R_i / sum_{i in s} n_i``
+  (the closed-form minimiser of the variance of ``sum_i (R_i - b) grad l_i``);
+* ``agg="median"``: the lower weighted median of ``R`` with weights ``n``:
+  ``b_s = min { r : sum_{i in s, R_i <= r} n_i >= 0.5 * sum_{i in s} n_i }``;
+* ``agg="winsorized_mean"``: ``R`` clipped to the lower weighted
+  ``q`` and ``1 - q`` quantiles (same definition as the median, ``q`` =
+  ``winsor_q``, default 0.1), then the ``n``-weighted mean.
+
+When every ``n_i`` in a scope is zero the weights fall back to 1 (plain mean,
+median or winsorized mean). The GRPO-style scale is ``k_s = 1 / std_s(R)``
+with the population standard deviation; a scope whose rewards are all equal
+gets ``k_s = 0`` (its coefficients are zero). Everything is computed in the
+dtype of ``sq_norms`` (float32 or float64), vectorised over scopes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["AGGS", "scope_baselines", "scope_inv_std", "weighted_quantile"]
+
+AGGS = ("mean", "median", "winsorized_mean")
+
+
+def _scope_sum(x: Tensor, sid: Tensor, n_scopes: int) -> Tensor:
+    return torch.zeros(n_scopes, dtype=x.dtype, device=x.device).index_add_(0, sid, x)
+
+
+def _weights(sq_norms: Tensor, sid: Tensor, n_scopes: int) -> Tensor:
+    """``n_i``, or 1 for every sample of a scope whose norms are all zero."""
+    tot = _scope_sum(sq_norms, sid, n_scopes)
+    return torch.where(tot[sid] > 0, sq_norms, torch.ones_like(sq_norms))
+
+
+def weighted_quantile(
+    values: Tensor, weights: Tensor, sid: Tensor, n_scopes: int, q: float
+) -> Tensor:
+    """Lower weighted ``q``-quantile of ``values`` per scope: ``[n_scopes]``.
+
+    ``min { v : sum_{v_i <= v} w_i >= q * sum w_i }`` within each scope.
+    """
+    perm = torch.argsort(values, stable=True)
+    perm = perm[torch.argsort(sid[perm], stable=True)]
+    v, w, s = values[perm], weights[perm], sid[perm]
+    cum = torch.cumsum(w, 0)
+    big = torch.full((n_scopes,), cum.numel() * 4 + 1, dtype=torch.long, device=v.device)
+    pos = torch.arange(v.numel(), device=v.device)
+    first_pos = big.clone().scatter_reduce_(0, s, pos, "amin")
+    last_pos = torch.full_like(big, -1).scatter_reduce_(0, s, pos, "amax")
+    offset = (cum - w)[first_pos.clamp(max=v.numel() - 1)]
+    within = cum - offset[s]
+    tot = _scope_sum(w, s, n_scopes)
+    ok = within >= q * tot[s]
+    pick = big.clone().scatter_reduce_(0, s, torch.where(ok, pos, big[s]), "amin")
+    pick = torch.minimum(pick, last_pos).clamp(min=0)
+    return v[pick]
+
+
+def scope_baselines(
+    sq_norms: Tensor,
+    rewards: Tensor,
+    sid: Tensor,
+    n_scopes: int,
+    agg: str = "mean",
+    winsor_q: float = 0.1,
+) -> Tensor:
+    """``b_s`` for every scope ``s`` (``[n_scopes]``); ``sid[i]`` is sample ``i``'s scope index.
+
+    ``sq_norms``, ``rewards``: ``[N]`` in one float dtype; ``agg`` one of :data:`AGGS`;
+    ``winsor_q`` (default 0.1) only used by ``"winsorized_mean"``.
+    """
+    if agg not in AGGS:
+        raise ValueError(f"OPOB: agg must be one of {AGGS}, got {agg!r}")
+    w = _weights(sq_norms, sid, n_scopes)
+    if agg == "median":
+        return weighted_quantile(rewards, w, sid, n_scopes, 0.5)
+    r = rewards
+    if agg == "winsorized_mean":
+        lo = weighted_quantile(rewards, w, sid, n_scopes, winsor_q)
+        hi = weighted_quantile(rewards, w, sid, n_scopes, 1.0 - winsor_q)
+        r = torch.minimum(torch.maximum(rewards, lo[sid]), hi[sid])
+    return _scope_sum(w * r, sid, n_scopes) / _scope_sum(w, sid, n_scopes)
+
+
+def scope_inv_std(rewards: Tensor, sid: Tensor, n_scopes: int) -> Tensor:
+    """``1 / std_s(R)`` (population std) per scope, 0 where all rewards of the scope are equal."""
+    cnt = _scope_sum(torch.ones_like(rewards), sid, n_scopes)
+    mean = _scope_sum(rewards, sid, n_scopes) / cnt
+    var = _scope_sum((rewards - mean[sid]) ** 2, sid, n_scopes) / cnt
+    rmax = torch.full_like(mean, -torch.inf).scatter_reduce_(0, sid, rewards, "amax")
+    rmin = torch.full_like(mean, torch.inf).scatter_reduce_(0, sid, rewards, "amin")
+    const = (rmax == rmin) | (var <= 0)
+    return torch.where(
+        const, torch.zeros_like(var), torch.rsqrt(torch.where(const, torch.ones_like(var), var))
+    )

@@ -1,0 +1,239 @@
+"""The norm engine: factored per-sample gradients -> squared norms and weighted sums.
+
+For one trainable parameter ``p`` used ``U`` times in the forward pass (tied
+weights, a module called twice) the rules give factors ``F_1..F_U`` and the
+per-sample gradient is ``G_i = sum_u F_u,i``. The engine computes
+
+    n_i(p) = ||G_i||^2 = sum_{u, v} <F_u,i, F_v,i>
+
+and, once the coefficients ``c`` are known, ``sum_i c_i G_i``. Three
+strategies, chosen per parameter by an operation count for the actual shapes:
+
+* ``ghost``: pairwise inner products without materialising ``G_i``
+  (Gram matrices, cost ~ ``B T T' (k + m)``); the weighted sum is written from
+  the factors afterwards (one matmul, what autograd's weight gradient costs).
+* ``direct``: materialise ``G_i`` in sample chunks for the norm, then write the
+  weighted sum from the factors.
+* ``acc``: materialise ``G_i`` in sample chunks once, and fold it into
+  per-scope accumulators ``A_R = sum_i r_i G_i`` and ``A_S[s] = sum_{i in s} q_i G_i``
+  while computing the norm, so the weighted sum costs nothing extra
+  (``sum_i c_i G_i = A_R - sum_s b_s A_S[s]``). Holds ``(S + 1)`` parameter-sized
+  buffers until the baseline is known, so it is only used when that is no more
+  than the memory the factors themselves occupy.
+
+Transient buffers are bounded by chunking over samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .rules.base import Dense, Factor, Outer, Rows
+
+_MIN_CHUNK_ELEMS = 1 << 22
+
+
+def acc_dtype(p: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 parameters, float64 for float64."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _elems(f: Factor) -> int:
+    if isinstance(f, Outer):
+        return f.a.numel() + f.g.numel()
+    if isinstance(f, Rows):
+        return f.idx.numel() + f.g.numel()
+    return f.G.numel()
+
+
+def _mat_cost(f: Factor, numel: int) -> float:
+    if isinstance(f, Outer):
+        b, t, nb, m = f.g.shape
+        return float(b * t * nb * m * f.a.shape[-1])
+    if isinstance(f, Rows):
+        b, t, d = f.g.shape
+        return float(b * t * d + b * numel)
+    return 0.0
+
+
+def _write_cost(f: Factor, numel: int) -> float:
+    if isinstance(f, Outer):
+        b, t, nb, m = f.g.shape
+        return float(b * t * nb * m * (f.a.shape[-1] + 1))
+    if isinstance(f, Rows):
+        return float(2 * f.g.numel())
+    return float(f.G.numel())
+
+
+def _pair_cost(f1: Factor, f2: Factor) -> float:
+    if isinstance(f1, Dense) or isinstance(f2, Dense):
+        return math.inf
+    if isinstance(f1, Outer) and isinstance(f2, Outer):
+        b, t1, nb, m = f1.g.shape
+        t2 = f2.g.shape[1]
+        return float(b * nb * t1 * t2 * (f1.a.shape[-1] + m + 1))
+    if isinstance(f1, Rows) and isinstance(f2, Rows):
+        b, t1, d = f1.g.shape
+        return float(b * t1 * f2.g.shape[1] * (d + 2))
+    r, o = (f1, f2) if isinstance(f1, Rows) else (f2, f1)
+    assert isinstance(r, Rows) and isinstance(o, Outer)
+    if o.g.shape[2] != 1:
+        return math.inf
+    b, s, d = r.g.shape
+    return float(b * o.g.shape[1] * s * (d + 2))
+
+
+def _materialize(f: Factor, lo: int, hi: int, shape: torch.Size, dt: torch.dtype) -> Tensor:
+    """Per-sample gradients of samples ``lo:hi``, ``[hi - lo, *shape]``."""
+    if isinstance(f, Outer):
+        a, g = f.a[lo:hi].to(dt), f.g[lo:hi].to(dt)
+        if a.shape[2] == 1:
+            out = torch.bmm(g[:, :, 0].transpose(1, 2), a[:, :, 0])
+        else:
+            out = torch.einsum("btjm,btjk->bjmk", g, a)
+        return out.reshape(hi - lo, *shape)
+    if isinstance(f, Rows):
+        g = f.g[lo:hi].to(dt)
+        b, d = g.shape[0], g.shape[2]
+        idx = f.idx[lo:hi] + torch.arange(b, device=g.device).unsqueeze(1) * f.num_rows
+        out = torch.zeros(b * f.num_rows, d, dtype=dt, device=g.device)
+        out.index_add_(0, idx.reshape(-1), g.reshape(-1, d))
+        return out.reshape(hi - lo, *shape)
+    return f.G[lo:hi].to(dt).reshape(hi - lo, *shape)
+
+
+def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tensor:
+    """``<F1_i, F2_i>`` for samples ``lo:hi`` without materialising either (ghost)."""
+    if isinstance(f1, Outer) and isinstance(f2, Outer):
+        a1, g1 = f1.a[lo:hi].to(dt), f1.g[lo:hi].to(dt)
+        a2, g2 = f2.a[lo:hi].to(dt), f2.g[lo:hi].to(dt)
+        if a1.shape[2] == 1:
+            ga = torch.bmm(a1[:, :, 0], a2[:, :, 0].transpose(1, 2))
+            gg = torch.bmm(g1[:, :, 0], g2[:, :, 0].transpose(1, 2))
+            return (ga * gg).sum(dim=(1, 2))
+        ga = torch.einsum("btjk,bsjk->bjts", a1, a2)
+        gg = torch.einsum("btjm,bsjm->bjts", g1, g2)
+        return (ga * gg).sum(dim=(1, 2, 3))
+    if isinstance(f1, Rows) and isinstance(f2, Rows):
+        g1, g2 = f1.g[lo:hi].to(dt), f2.g[lo:hi].to(dt)
+        eq = f1.idx[lo:hi].unsqueeze(2) == f2.idx[lo:hi].unsqueeze(1)
+        gg = torch.bmm(g1, g2.transpose(1, 2))
+        return (gg * eq.to(dt)).sum(dim=(1, 2))
+    r, o = (f1, f2) if isinstance(f1, Rows) else (f2, f1)
+    assert isinstance(r, Rows) and isinstance(o, Outer)
+    # Rows (idx [b,S], ge [b,S,d]) vs Outer (h [b,T,d], gl [b,T,V]) on a [V, d] parameter:
+    # sum_{t,s} gl[t, idx_s] (h_t . ge_s)
+    ge, idx = r.g[lo:hi].to(dt), r.idx[lo:hi]
+    h, gl = o.a[lo:hi, :, 0].to(dt), o.g[lo:hi, :, 0].to(dt)
+    gathered = gl.gather(2, idx.unsqueeze(1).expand(-1, gl.shape[1], -1))
+    return (gathered * torch.bmm(h, ge.transpose(1, 2))).sum(dim=(1, 2))
+
+
+def _write(f: Factor, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor:
+    """``sum_i coeff_i F_i`` as a parameter-shaped tensor."""
+    if isinstance(f, Outer):
+        g = f.g.to(dt) * coeff.view(-1, 1, 1, 1)
+        a = f.a.to(dt)
+        b, t, nb, m = g.shape
+        if nb == 1:
+            out = torch.mm(g.reshape(b * t, m).t(), a.reshape(b * t, -1))
+        else:
+            out = torch.einsum("btjm,btjk->jmk", g, a)
+        return out.reshape(shape)
+    if isinstance(f, Rows):
+        g = f.g.to(dt) * coeff.view(-1, 1, 1)
+        out = torch.zeros(f.num_rows, g.shape[-1], dtype=dt, device=g.device)
+        out.index_add_(0, f.idx.reshape(-1), g.reshape(-1, g.shape[-1]))
+        return out.reshape(shape)
+    return torch.tensordot(coeff, f.G.to(dt), dims=1).reshape(shape)
+
+
+@dataclass
+class ParamWork:
+    """Everything the engine knows about one trainable parameter in one backward."""
+
+    param: Tensor
+    name: str
+    factors: list[Factor] = field(default_factory=list)
+    strategy: str = ""
+    acc_r: Tensor | None = None
+    acc_s: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def choose(self, batch: int, n_scopes: int, n_writes: int) -> str:
+        """Pick ``ghost``, ``direct`` or ``acc`` by operation count (memory-bounded)."""
+        numel, fs = self.numel, self.factors
+        mat = sum(_mat_cost(f, numel) for f in fs)
+        write = n_writes * sum(_write_cost(f, numel) for f in fs)
+        costs = {"direct": mat + batch * numel * (len(fs) + 1) + write}
+        ghost = sum(_pair_cost(fs[u], fs[v]) for u in range(len(fs)) for v in range(u, len(fs)))
+        costs["ghost"] = ghost + write
+        held = (n_scopes + 1) * numel
+        if held <= max(sum(_elems(f) for f in fs), 1 << 16):
+            costs["acc"] = mat + batch * numel * (len(fs) + 3) + held
+        self.strategy = min(costs, key=lambda k: costs[k])
+        return self.strategy
+
+    def _chunk(self, per_sample: int) -> int:
+        cap = max(_MIN_CHUNK_ELEMS, sum(_elems(f) for f in self.factors))
+        return max(1, cap // max(per_sample, 1))
+
+    def sq_norms(
+        self,
+        batch: int,
+        r: Tensor | None = None,
+        q: Tensor | None = None,
+        sid: Tensor | None = None,
+        n_scopes: int = 1,
+    ) -> Tensor:
+        """``n_i(p)``; with strategy ``acc`` also fills ``A_R = sum r_i G_i``, ``A_S[s] = sum_{i in s} q_i G_i``."""
+        p, dt = self.param, acc_dtype(self.param)
+        out = torch.zeros(batch, dtype=dt, device=p.device)
+        if self.strategy == "ghost":
+            fs = self.factors
+            for u in range(len(fs)):
+                for v in range(u, len(fs)):
+                    fu, fv = fs[u], fs[v]
+                    assert not isinstance(fu, Dense) and not isinstance(fv, Dense)
+                    nb = fu.g.shape[2] if isinstance(fu, Outer) else 1
+                    step = self._chunk(2 * nb * fu.g.shape[1] * fv.g.shape[1])
+                    for lo in range(0, batch, step):
+                        hi = min(batch, lo + step)
+                        d = _pair_dot(fs[u], fs[v], lo, hi, dt)
+                        out[lo:hi] += d if u == v else 2 * d
+            return out
+        if self.strategy == "acc":
+            assert r is not None and q is not None and sid is not None
+            self.acc_r = torch.zeros(p.shape, dtype=dt, device=p.device)
+            self.acc_s = torch.zeros((n_scopes, *p.shape), dtype=dt, device=p.device)
+        step = self._chunk(self.numel)
+        for lo in range(0, batch, step):
+            hi = min(batch, lo + step)
+            g = _materialize(self.factors[0], lo, hi, p.shape, dt)
+            for f in self.factors[1:]:
+                g = g + _materialize(f, lo, hi, p.shape, dt)
+            flat = g.reshape(hi - lo, -1)
+            out[lo:hi] = (flat * flat).sum(dim=1)
+            if self.strategy == "acc":
+                assert self.acc_r is not None and self.acc_s is not None
+                self.acc_r += torch.tensordot(r[lo:hi].to(dt), g, dims=1)
+                self.acc_s.index_add_(0, sid[lo:hi], g * q[lo:hi].to(dt).view(-1, *([1] * p.dim())))
+        if self.strategy == "acc":
+            self.factors = []  # no longer needed: free activations early
+        return out
+
+    def weighted_sum(self, coeff: Tensor) -> Tensor:
+        """``sum_i coeff_i G_i`` written from the factors (strategies ``ghost`` / ``direct``)."""
+        dt = acc_dtype(self.param)
+        coeff = coeff.to(dt)
+        out = _write(self.factors[0], coeff, self.param.shape, dt)
+        for f in self.factors[1:]:
+            out += _write(f, coeff, self.param.shape, dt)
+        return out

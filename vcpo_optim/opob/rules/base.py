@@ -1,0 +1,113 @@
+"""Factored per-sample gradients and the rule registry.
+
+A *rule* is a pure function ``rule(module, inputs, grad_output) -> {name: factor}``.
+``inputs`` are the (detached) positional tensor inputs the module was called
+with, ``grad_output`` is the gradient of ``sum_i l_i`` with respect to the
+module's output. Dimension 0 of both is the sample index ``i``. The rule
+returns, for each of the module's own trainable parameters (keyed by local
+name, e.g. ``"weight"``), the per-sample gradient of that parameter in one of
+three factored forms:
+
+* :class:`Outer` -- ``G_i = sum_t g[i, t]^T a[i, t]`` (Linear, convolution
+  after im2col), optionally block-diagonal over ``nb`` blocks (grouped conv);
+* :class:`Rows` -- ``G_i[v] = sum_t [idx[i, t] == v] g[i, t]`` (Embedding);
+* :class:`Dense` -- the materialised ``[B, *param.shape]`` tensor (norms,
+  biases, the vmap fallback).
+
+The norm engine (:mod:`vcpo_optim.opob.engine`) turns these into per-sample
+squared norms -- summing the factors of a parameter used several times before
+the norm, so tied weights are exact -- and into the reweighted gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["RULES", "Dense", "Factor", "Outer", "Rows", "Rule", "get_rule", "register_rule"]
+
+
+@dataclass
+class Outer:
+    """``G_i = sum_t g[i, t, j]^T a[i, t, j]`` for each block ``j``.
+
+    ``a``: ``[B, T, nb, k]``, ``g``: ``[B, T, nb, m]``; the parameter viewed as
+    ``[nb, m, k]`` receives ``G_i``.
+    """
+
+    a: Tensor
+    g: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.g.shape[0]
+
+
+@dataclass
+class Rows:
+    """``G_i[v, :] = sum_t [idx[i, t] == v] g[i, t, :]`` for a ``[V, d]`` parameter.
+
+    ``idx``: ``[B, T]`` (int64), ``g``: ``[B, T, d]``. Positions that must not
+    contribute (``padding_idx``) have ``g`` set to zero by the rule.
+    """
+
+    idx: Tensor
+    g: Tensor
+    num_rows: int
+
+    @property
+    def batch(self) -> int:
+        return self.g.shape[0]
+
+
+@dataclass
+class Dense:
+    """The materialised per-sample gradient, ``G``: ``[B, *param.shape]``."""
+
+    G: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.G.shape[0]
+
+
+Factor = Outer | Rows | Dense
+Rule = Callable[[nn.Module, tuple[Tensor, ...], Tensor], dict[str, Factor]]
+
+RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Register ``rule`` as the per-sample gradient rule for ``module_types``.
+
+    Lookup is by exact type (a subclass with its own ``forward`` must register
+    its own rule), like Opacus's ``register_grad_sampler``::
+
+        @register_rule(MyLinear)
+        def my_linear(module, inputs, grad_output):
+            ...
+            return {"weight": Outer(a, g)}
+    """
+
+    def decorator(fn: Rule) -> Rule:
+        for t in module_types:
+            RULES[t] = fn
+        return fn
+
+    return decorator
+
+
+def get_rule(module: nn.Module) -> Rule | None:
+    """The rule registered for ``type(module)`` (exact type), or ``None``."""
+    return RULES.get(type(module))
+
+
+def flat_tokens(t: Tensor, batch: int, feat_dims: int = 1) -> Tensor:
+    """Reshape ``[B, ..., *feat]`` to ``[B, T, prod(feat)]`` (T = 1 when there are no middle dims)."""
+    feat = t.shape[t.dim() - feat_dims :] if feat_dims else ()
+    f = 1
+    for s in feat:
+        f *= s
+    return t.reshape(batch, -1, f)

@@ -1,0 +1,39 @@
+"""``nn.LayerNorm``: ``y = xhat * w + b`` over the trailing ``normalized_shape``.
+
+Per sample: ``grad_w_i = sum_t g[i, t] * xhat[i, t]``, ``grad_b_i = sum_t g[i, t]``
+(materialised, ``[B, *normalized_shape]``). ``xhat`` is recomputed from the
+saved input in float32 or wider.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Dense, Factor, register_rule
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_rule(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+) -> dict[str, Factor]:
+    (x,) = inputs[:1]
+    nd = len(module.normalized_shape)
+    dims = tuple(range(x.dim() - nd, x.dim()))
+    lead = tuple(range(1, x.dim() - nd))
+    dt = _acc(x)
+    g = grad_output.to(dt)
+    out: dict[str, Factor] = {}
+    if module.weight is not None and module.weight.requires_grad:
+        xf = x.to(dt)
+        mean = xf.mean(dim=dims, keepdim=True)
+        var = xf.var(dim=dims, keepdim=True, unbiased=False)
+        xhat = (xf - mean) * torch.rsqrt(var + module.eps)
+        out["weight"] = Dense((g * xhat).sum(dim=lead) if lead else g * xhat)
+    if module.bias is not None and module.bias.requires_grad:
+        out["bias"] = Dense(g.sum(dim=lead) if lead else g)
+    return out
