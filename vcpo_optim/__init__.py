@@ -6,14 +6,17 @@
 """
 
 from vcpo_optim.ess import ESSResult, effective_sample_size
+from vcpo_optim.opob import OPOB, OPOBResult
 from vcpo_optim.optim import VCPOSGD, ESSStepStats, VCPOAdam, VCPOAdamW, ess_scaled
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OPOB",
     "VCPOSGD",
     "ESSResult",
     "ESSStepStats",
+    "OPOBResult",
     "VCPOAdam",
     "VCPOAdamW",
     "effective_sample_size",
