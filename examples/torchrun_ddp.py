@@ -109,12 +109,15 @@ def main() -> None:
     policy = BigramPolicy(args.vocab, args.dim).to(device)
     model = DDP(policy, device_ids=[device.index] if use_cuda else None)
     opt = VCPOAdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # ESS over the world
+    sampler = copy.deepcopy(policy).eval()
     opob = None
     if args.opob:
         from vcpo_optim.opob.distributed import DistributedOPOB
 
+        # The seq-mean losses carry 1/B_local and local batches are equal: "mean" is
+        # DDP's convention. "sum" (the default) is the right one for losses that do
+        # not depend on the local batch size.
         opob = DistributedOPOB(policy, scope="group", grad_reduction="mean")
-    sampler = copy.deepcopy(policy).eval()
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own prompts
 
     for step in range(args.steps):
@@ -129,13 +132,16 @@ def main() -> None:
         mask = torch.ones_like(logp_old, dtype=torch.bool)
 
         opt.zero_grad()
-        logp = token_logps(model, tokens)
-        lw = sequence_log_weights(logp, logp_old, mask)
         if opob is None:
+            logp = token_logps(model, tokens)
+            lw = sequence_log_weights(logp, logp_old, mask)
             adv = grpo_advantages(rewards, groups)
             per_sample_pg_loss(logp, mask, adv, lw.exp(), agg="seq-mean-token-sum").sum().backward()
         else:
-            with model.no_sync():  # OPOB reduces its own gradients
+            with model.no_sync():  # OPOB reduces its own gradients over the DP group
+                logp = token_logps(model, tokens)
+                lw = sequence_log_weights(logp, logp_old, mask)
+                # score surrogate l_i = -w_i log pi(tau_i) / B; OPOB applies R_i - b*
                 l_vec = per_sample_pg_loss(logp, mask, None, lw.exp(), agg="seq-mean-token-sum")
                 opob.backward(l_vec, rewards, groups)
         opt.step(log_weights=lw)

@@ -37,7 +37,7 @@ def torchrun(script: str, *args: str) -> str:
 
 
 def test_torchrun_ddp_example():
-    out = torchrun("torchrun_ddp.py", "--steps", "6")
+    out = torchrun("torchrun_ddp.py", "--steps", "6", "--opob")
     assert "step   5" in out and "B 32" in out
     assert "replicas identical: True" in out
 

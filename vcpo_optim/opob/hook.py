@@ -620,11 +620,13 @@ class OPOB:
                 k = inv[sid] if inv is not None else torch.ones(b, dtype=dt, device=dev)
                 q_acc, r_acc, sid_acc, ns_acc = k, k * r, sid, n_scopes
             sq = torch.zeros(b, dtype=dt, device=dev)
+            parts: list[tuple[Tensor, Tensor]] = []
             for w in works.values():
                 w.choose(b, ns_acc, 2 if batch_scope else 1)
-                sq += w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)
-            # Tensor parallelism: a parameter sharded over a TP group contributes only its shard's
-            # squared norm here; all_reduce(sq, group=tp_group) would complete n_i before the baseline.
+                parts.append((w.param, w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)))
+                sq += parts[-1][1]
+            # Tensor parallelism completes n_i here (vcpo_optim.opob.distributed).
+            sq = self._reduce_sq_norms(parts, sq)
             if not bool(torch.isfinite(sq).all()):
                 raise ValueError(
                     "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
@@ -681,6 +683,14 @@ class OPOB:
                 self._params[i] for i in self._sums if i not in works
             ]
         return OPOBResult(sq_norms=sq, baselines=base, coefficients=coef)
+
+    def _reduce_sq_norms(self, parts: list[tuple[Tensor, Tensor]], sq: Tensor) -> Tensor:
+        """Per-sample squared norms of the call from ``(param, n_i(param))`` parts (their sum ``sq``).
+
+        Identity here; :class:`~vcpo_optim.opob.distributed.DistributedOPOB`
+        sums tensor-parallel shards' parts over the TP group.
+        """
+        return sq
 
     def _write_grad(self, p: Tensor, contrib: Tensor) -> None:
         """Accumulate ``contrib`` (= this call's share of ``sum_i c_i grad l_i``) into ``p.grad``.

@@ -1,0 +1,295 @@
+"""OPOB across 2 real gloo ranks: DDP and FSDP2, groups split over ranks, accumulation, faults.
+
+Each scenario's per-rank norms, baselines, coefficients, gradients and
+post-step parameters are compared with single-process OPOB (+ VCPOAdamW) on
+the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import _common as C
+import pytest
+import torch
+from _harness import errors, launch, values, worker_main
+
+WORLD = 2
+
+# (sizes per rank, group ids of the global batch): group 1 and 2 straddle the ranks
+SIZES = (5, 3)
+GROUPS = torch.tensor([0, 0, 1, 1, 2, 2, 1, 3])
+
+
+def _rank() -> int:
+    return int(os.environ["RANK"])
+
+
+def _batch(seed, sizes, rank):
+    b = C.global_batch(seed, sizes)
+    b["groups"] = GROUPS if sum(sizes) == len(GROUPS) else torch.arange(sum(sizes)) // 2
+    return b if rank is None else C.local_slice(b, sizes, rank)
+
+
+def _surrogate(model, batch):
+    """A score-function surrogate carrying the importance weight: l_i = -w_i * log-sigmoid(f(x_i))."""
+    out = model(batch["x"]).reshape(-1)
+    return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
+
+
+def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None):
+    """Run ``steps`` OPOB steps; return per-step results, grads and parameters."""
+    import contextlib
+
+    out = []
+    for seed in steps:
+        batch = _batch(seed, sizes, rank)
+        n = len(batch["x"])
+        cuts = [round(k * n / micro) for k in range(micro + 1)]
+        opt.zero_grad()
+        res = []
+        for lo, hi in itertools.pairwise(cuts):
+            mb = {k: v[lo:hi] for k, v in batch.items()}
+            with ctx() if ctx is not None else contextlib.nullcontext():
+                r = opob.backward(_surrogate(model, mb), mb["reward"], mb["groups"])
+            res.append(r)
+        grads = []
+        for p in opob.model.parameters():
+            g = p.grad
+            grads.append(
+                None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+            )
+        opt.step(log_weights=batch["lw"])
+        out.append(
+            {
+                "sq_norms": torch.cat([r.sq_norms for r in res]),
+                "baselines": res[-1].baselines
+                if micro > 1
+                else torch.cat([r.baselines for r in res]),
+                "coefficients": torch.cat([r.coefficients for r in res]),
+                "grads": grads,
+                "params": C.params_of(opob.model),
+                "lr_scale": opt.last_stats.lr_scale.item(),
+            }
+        )
+    return out
+
+
+STEPS = [41, 42]
+
+
+def _ddp(sizes=SIZES, micro=1, **kw):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    policy = C.make_mlp(0)
+    model = DDP(policy)
+    opob = DistributedOPOB(policy, **kw)
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    return run_opob(model, opob, opt, STEPS, sizes, _rank(), micro=micro, ctx=model.no_sync)
+
+
+def s_ddp_group_scope_split_groups():
+    return _ddp(scope="group")
+
+
+def s_ddp_batch_scope_accumulation():
+    return _ddp(scope="batch", micro=2)
+
+
+def s_ddp_median_norm_by_std():
+    return _ddp(scope="group", agg="median", norm_by_std=True)
+
+
+def s_ddp_uneven_sizes():
+    return _ddp(sizes=(6, 2), scope="batch")
+
+
+def s_fsdp_group_scope():
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opob = DistributedOPOB(model, scope="group")
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    out = run_opob(model, opob, opt, STEPS, SIZES, _rank())
+    out[0]["grad_types"] = [type(p.grad).__name__ for p in model.parameters() if p.grad is not None]
+    return out
+
+
+def s_fsdp_root_only():
+    """fully_shard on the root only: the root keeps its parameters unsharded after forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    model = C.make_mlp(0)
+    fully_shard(model)
+    opob = DistributedOPOB(model, scope="group")
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    return run_opob(model, opob, opt, STEPS, SIZES, _rank())
+
+
+def s_ddp_without_no_sync():
+    """DDP's forward outside no_sync(): OPOB's reduction alone, DDP's reducer untouched."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    policy = C.make_mlp(0)
+    model = DDP(policy)
+    opob = DistributedOPOB(policy, scope="group")
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    return run_opob(model, opob, opt, STEPS, SIZES, _rank())
+
+
+def s_fault_nan_reward_rank1():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    policy = C.make_mlp(0)
+    model = DDP(policy)
+    opob = DistributedOPOB(policy)
+    batch = _batch(43, SIZES, _rank())
+    r = batch["reward"].clone()
+    if _rank() == 1:
+        r[0] = float("nan")
+    try:
+        with model.no_sync():
+            opob.backward(_surrogate(model, batch), r, batch["groups"])
+    finally:
+        assert all(p.grad is None for p in policy.parameters()), "a gradient was written"
+
+
+def s_fault_broadcast_input_rank0():
+    """A malformed batch on rank 0 only (loss of the wrong length)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    policy = C.make_mlp(0)
+    model = DDP(policy)
+    opob = DistributedOPOB(policy)
+    batch = _batch(44, SIZES, _rank())
+    with model.no_sync():
+        loss = _surrogate(model, batch)
+        if _rank() == 0:
+            loss = loss[:-1]
+        opob.backward(loss, batch["reward"][: len(loss)], batch["groups"][: len(loss)])
+
+
+SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def res():
+    return launch(__file__, WORLD)
+
+
+def reference(sizes=SIZES, **kw):
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob import OPOB
+
+    model = C.make_mlp(0)
+    opob = OPOB(model, **kw)
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    # with accumulation (batch scope) the single-process equivalent is one call on the batch
+    return run_opob(model, opob, opt, STEPS, sizes, None)
+
+
+def _compare(got_ranks, ref, sizes, *, rtol=1e-9, per_sample=True):
+    for rank, got in enumerate(got_ranks):
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g["sq_norms"], r["sq_norms"][lo:hi], rtol=rtol, atol=1e-14)
+            if per_sample:  # with accumulation, earlier calls saw a partial baseline
+                torch.testing.assert_close(
+                    g["coefficients"], r["coefficients"][lo:hi], rtol=rtol, atol=1e-12
+                )
+                torch.testing.assert_close(
+                    g["baselines"], r["baselines"][lo:hi], rtol=rtol, atol=1e-12
+                )
+            for a, b in zip(g["grads"], r["grads"]):
+                torch.testing.assert_close(a, b, rtol=rtol, atol=1e-12)
+            C.assert_params_close(g["params"], r["params"])
+            assert g["lr_scale"] == pytest.approx(r["lr_scale"], rel=1e-12)
+    for g0, g1 in zip(got_ranks[0], got_ranks[1]):
+        for a, b in zip(g0["params"], g1["params"]):
+            assert torch.equal(a, b), "replicas diverged"
+
+
+def test_ddp_group_scope_with_groups_split_across_ranks(res):
+    _compare(values(res, "ddp_group_scope_split_groups"), reference(scope="group"), SIZES)
+
+
+def test_ddp_batch_scope_with_gradient_accumulation(res):
+    got = values(res, "ddp_batch_scope_accumulation")
+    ref = reference(scope="batch")
+    # the final baseline (after both micro-batches) is the batch's; per-call norms concatenate
+    for rank, g_steps in enumerate(got):
+        for g, r in zip(g_steps, ref):
+            lo = sum(SIZES[:rank])
+            torch.testing.assert_close(
+                g["baselines"], r["baselines"][lo : lo + len(g["baselines"])]
+            )
+    _compare(got, ref, SIZES, per_sample=False)
+
+
+def test_ddp_weighted_median_and_std_normalisation(res):
+    _compare(
+        values(res, "ddp_median_norm_by_std"),
+        reference(scope="group", agg="median", norm_by_std=True),
+        SIZES,
+    )
+
+
+def test_ddp_uneven_local_batch_sizes(res):
+    _compare(values(res, "ddp_uneven_sizes"), reference(sizes=(6, 2), scope="batch"), (6, 2))
+
+
+def test_fsdp2_equals_single_process(res):
+    got = values(res, "fsdp_group_scope")
+    assert set(got[0][0]["grad_types"]) == {"DTensor"}
+    _compare(got, reference(scope="group"), SIZES)
+
+
+def test_fsdp2_root_only_equals_single_process(res):
+    _compare(values(res, "fsdp_root_only"), reference(scope="group"), SIZES)
+
+
+def test_ddp_forward_outside_no_sync(res):
+    _compare(values(res, "ddp_without_no_sync"), reference(scope="group"), SIZES)
+
+
+def test_fault_nan_reward_on_one_rank_raises_everywhere(res):
+    errs = errors(res, "fault_nan_reward_rank1")
+    assert [t for t, _ in errs] == ["ValueError", "ValueError"]
+    for _, msg in errs:
+        assert "rank(s) [1]" in msg
+    assert "NaN" in errs[1][1]
+
+
+def test_fault_malformed_batch_on_one_rank_raises_everywhere(res):
+    errs = errors(res, "fault_broadcast_input_rank0")
+    assert [t for t, _ in errs] == ["ValueError", "ValueError"]
+    for _, msg in errs:
+        assert "rank(s) [0]" in msg
+    assert "dimension 0" in errs[0][1] or "B=" in errs[0][1]
+
+
+if __name__ == "__main__":
+    worker_main(SCENARIOS)
