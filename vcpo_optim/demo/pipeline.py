@@ -1,0 +1,264 @@
+"""Simulated PipelineRL-style asynchronous RL: the sampler runs ``k`` policy versions
+behind the learner.
+
+At learner step ``t`` (``t = 0, 1, ...``; version ``t`` = the parameters after ``t``
+optimizer steps) the batch is sampled by the policy of version ``max(0, t - k)``,
+kept in a ring buffer of parameter snapshots (the last ``k + 1`` versions). The
+sampler records its behaviour log-probs ``log mu(y_t)`` at sampling time (with a
+teacher-forced pass of its own parameters, so lag 0 is bit-for-bit on-policy);
+the learner recomputes ``log pi_theta(y_t)`` with grad, forms the sequence log
+importance weight ``lw_i = sum_t (log pi_theta - log mu)`` and takes one optimizer
+step. With ``k = 0`` this is synchronous on-policy RL.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vcpo_optim import OPOB, VCPOAdamW, effective_sample_size
+from vcpo_optim import losses as L
+from vcpo_optim.demo.arms import Arm
+from vcpo_optim.demo.policy import MLPPolicy
+from vcpo_optim.demo.task import Task
+
+
+@dataclass
+class Config:
+    """The whole experiment configuration (embedded defaults; no config file).
+
+    Task and policy:
+        task, vocab, length: the task (see :class:`vcpo_optim.demo.task.Task`).
+        hidden, context, depth: the policy (see :class:`MLPPolicy`).
+    Supervised warm-up ("Base" model, one per seed, shared by all arms):
+        warmup_steps, warmup_lr, warmup_batch: Adam on noisy targets.
+        warmup_noise: each target digit is replaced by a uniform random digit with
+            this probability, so the base policy is calibrated to be right per digit
+            with probability about ``1 - noise * (1 - 1/vocab)``, and its exact-match
+            accuracy over ``length`` digits is low but nonzero.
+    RL (identical for every arm):
+        steps, prompts, group: optimizer steps; prompts per step and samples per
+            prompt (batch ``B = prompts * group``).
+        lr, weight_decay, betas, grad_clip: ``VCPOAdamW`` settings; ``grad_clip`` is
+            the max total gradient norm (``<= 0`` disables clipping).
+        tis_c: TIS threshold. agg: loss aggregation mode.
+        eval_every, eval_prompts: held-out accuracy schedule and set size.
+    Sweep:
+        lags, seeds, arms.
+    """
+
+    task: str = "reverse"
+    vocab: int = 10
+    length: int = 12
+    hidden: int = 128
+    context: int = 4
+    depth: int = 2
+    warmup_steps: int = 1000
+    warmup_lr: float = 1e-3
+    warmup_batch: int = 128
+    warmup_noise: float = 0.25
+    steps: int = 300
+    prompts: int = 16
+    group: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    tis_c: float = 8.0
+    agg: str = "seq-mean-token-mean"
+    eval_every: int = 10
+    eval_prompts: int = 512
+    lags: tuple[int, ...] = (0, 8, 32, 128)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = ("sync", "sync-vcpo", "no-is", "is", "tis", "ess", "opob", "vcpo")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def make_task(self) -> Task:
+        return Task(self.task, self.vocab, self.length)
+
+    def make_policy(self) -> MLPPolicy:
+        return MLPPolicy(self.make_task(), self.hidden, self.context, self.depth)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heldout_prompts(cfg: Config) -> Tensor:
+    """The fixed held-out evaluation prompts (independent of the seed)."""
+    return cfg.make_task().sample_prompts(
+        cfg.eval_prompts, torch.Generator().manual_seed(2**31 - 1)
+    )
+
+
+def heldout_accuracy(policy: MLPPolicy, prompts: Tensor) -> float:
+    """Expected exact-match accuracy of one temperature-1 sample: mean of ``pi(y*|x)``."""
+    return float(policy.target_prob(prompts).mean())
+
+
+def warmup(cfg: Config, seed: int) -> tuple[dict[str, Tensor], float]:
+    """Supervised warm-up on noisy targets; returns (state dict, held-out accuracy)."""
+    task = cfg.make_task()
+    torch.manual_seed(seed)
+    policy = cfg.make_policy()
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.warmup_lr)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    for _ in range(cfg.warmup_steps):
+        x = task.sample_prompts(cfg.warmup_batch, gen)
+        y = task.targets(x)
+        flip = torch.rand(y.shape, generator=gen) < cfg.warmup_noise
+        y = torch.where(flip, torch.randint(0, task.vocab, y.shape, generator=gen), y)
+        loss = -policy.token_logp(x, y).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    acc = heldout_accuracy(policy, heldout_prompts(cfg))
+    return copy.deepcopy(policy.state_dict()), acc
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def run_arm(
+    cfg: Config,
+    arm: Arm,
+    lag: int,
+    seed: int,
+    base_state: dict[str, Tensor],
+    *,
+    on_step: StepCallback | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train one arm at one lag from the base policy; return per-step metric rows.
+
+    Each row has: ``seed, arm, k, step, behaviour_version, reward, ess, ess_ratio,
+    lr_scale, grad_norm`` (total norm before clipping), ``lw_max, lw_min, lw_std``,
+    ``accuracy`` (held-out, every ``eval_every`` steps and at the end, else None),
+    ``elapsed_s``. If raw IS weights overflow (arm ``is``), a last row with a
+    ``diverged`` message and the accuracy at that point ends the run. Row ``step = t`` describes the update from version ``t`` to
+    ``t + 1``; accuracy on that row is measured *after* the update. One extra row
+    with ``step = -1`` holds the base accuracy.
+
+    ``on_step`` (for tests) gets a dict with the step, the behaviour version, the
+    behaviour and current state dicts and the batch before each update.
+    """
+    task = cfg.make_task()
+    heldout = heldout_prompts(cfg)
+    policy = cfg.make_policy()
+    policy.load_state_dict(base_state)
+    behaviour = cfg.make_policy()
+    opt = VCPOAdamW(
+        policy.parameters(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        base_ess_ratio=1.0,
+    )
+    opob = OPOB(policy, scope="group", norm_by_std=True) if arm.opob else None
+    n_b = cfg.prompts * cfg.group
+    groups = torch.arange(cfg.prompts).repeat_interleave(cfg.group)
+    mask = torch.ones(n_b, task.response_len, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(1_000_003 * (seed + 1) + 7919 * lag)
+    ring: deque[tuple[int, dict[str, Tensor]]] = deque(maxlen=lag + 1)
+    common = {"seed": seed, "arm": arm.name, "k": lag}
+    rows: list[dict[str, Any]] = [
+        {**common, "step": -1, "accuracy": heldout_accuracy(policy, heldout), "elapsed_s": 0.0}
+    ]
+    t0 = time.perf_counter()
+    for t in range(cfg.steps):
+        # --- sampler: the snapshot of version max(0, t - k), behaviour log-probs recorded now
+        ring.append((t, {n: p.detach().clone() for n, p in policy.state_dict().items()}))
+        version, snapshot = ring[0]
+        behaviour.load_state_dict(snapshot)
+        x = task.sample_prompts(cfg.prompts, gen).repeat_interleave(cfg.group, 0)
+        y = behaviour.sample(x, gen)
+        with torch.no_grad():
+            logp_old = behaviour.token_logp(x, y)
+        rewards = task.reward(x, y)
+        if on_step is not None:
+            on_step(
+                {
+                    "step": t,
+                    "behaviour_version": version,
+                    "behaviour_state": snapshot,
+                    "current_state": {
+                        n: p.detach().clone() for n, p in policy.state_dict().items()
+                    },
+                    "prompts": x,
+                    "responses": y,
+                    "logp_old": logp_old,
+                }
+            )
+        # --- learner
+        logp = policy.token_logp(x, y)
+        lw = L.sequence_log_weights(logp, logp_old, mask)
+        try:
+            weights = L.importance_weights(lw, arm.is_mode, cfg.tis_c)  # type: ignore[arg-type]
+        except ValueError as exc:  # raw IS overflowing float32: the run has diverged
+            if arm.is_mode != "is":
+                raise
+            opt.zero_grad(set_to_none=True)
+            if opob is not None:
+                opob.clear()
+            rows.append(
+                {
+                    **common,
+                    "step": t,
+                    "behaviour_version": version,
+                    "accuracy": heldout_accuracy(policy, heldout),
+                    "elapsed_s": time.perf_counter() - t0,
+                    "diverged": str(exc),
+                }
+            )
+            if progress is not None:
+                progress(cfg.steps - t)
+            break
+        opt.zero_grad(set_to_none=True)
+        if opob is not None:
+            loss_vec = L.per_sample_pg_loss(logp, mask, None, weights, cfg.agg)  # type: ignore[arg-type]
+            opob.backward(loss_vec, rewards, groups)
+        else:
+            adv = L.grpo_advantages(rewards, groups)
+            loss_vec = L.per_sample_pg_loss(logp, mask, adv, weights, cfg.agg)  # type: ignore[arg-type]
+            loss_vec.sum().backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
+        if arm.ess_scaling:
+            opt.step(log_weights=lw)
+            stats = opt.last_stats
+            ess, ess_ratio, lr_scale = (
+                float(stats.ess),
+                float(stats.ess_ratio),
+                float(stats.lr_scale),
+            )
+        else:
+            opt.step()
+            res = effective_sample_size(log_weights=lw)
+            ess, ess_ratio, lr_scale = float(res.ess), float(res.ratio), 1.0
+        row: dict[str, Any] = {
+            **common,
+            "step": t,
+            "behaviour_version": version,
+            "reward": float(rewards.mean()),
+            "ess": ess,
+            "ess_ratio": ess_ratio,
+            "lr_scale": lr_scale,
+            "grad_norm": grad_norm,
+            "lw_max": float(lw.max()),
+            "lw_min": float(lw.min()),
+            "lw_std": float(lw.std()) if lw.numel() > 1 else 0.0,
+            "accuracy": None,
+        }
+        if (t + 1) % cfg.eval_every == 0 or t == cfg.steps - 1:
+            row["accuracy"] = heldout_accuracy(policy, heldout)
+        row["elapsed_s"] = time.perf_counter() - t0
+        rows.append(row)
+        if progress is not None:
+            progress(1)
+    return rows
