@@ -5,6 +5,7 @@
   torch.optim subclasses that scale each step's lr by (ESS/B)^p.
 """
 
+from vcpo_optim import losses as losses
 from vcpo_optim.ess import ESSResult, effective_sample_size
 from vcpo_optim.opob import OPOB, OPOBResult
 from vcpo_optim.optim import VCPOSGD, ESSStepStats, VCPOAdam, VCPOAdamW, ess_scaled
