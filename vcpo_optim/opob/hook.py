@@ -73,6 +73,7 @@ def _edge(out: Tensor) -> tuple[Any, list[tuple[Tensor, int]]]:
     base = out._base if out._is_view() else None
     if (
         base is not None
+        and base.requires_grad  # e.g. DTensor.to_local(): the base is outside the graph
         and base.numel() == out.numel()
         and base.is_contiguous()
         and out.is_contiguous()

@@ -8,6 +8,7 @@ Per sample: ``grad_w_i[c] = sum_spatial g * xhat``, ``grad_b_i[c] = sum_spatial 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Dense, Factor, register_rule
@@ -23,10 +24,7 @@ def group_norm_rule(
     g = grad_output.to(dt).reshape(b, c, -1)
     out: dict[str, Factor] = {}
     if module.weight is not None and module.weight.requires_grad:
-        xg = x.to(dt).reshape(b, module.num_groups, -1)
-        mean = xg.mean(dim=-1, keepdim=True)
-        var = xg.var(dim=-1, keepdim=True, unbiased=False)
-        xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, c, -1)
+        xhat = F.group_norm(x.to(dt), module.num_groups, None, None, module.eps).reshape(b, c, -1)
         out["weight"] = Dense((g * xhat).sum(dim=-1))
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = Dense(g.sum(dim=-1))

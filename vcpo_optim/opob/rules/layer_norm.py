@@ -8,6 +8,7 @@ saved input in float32 or wider.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Dense, Factor, register_rule
@@ -23,16 +24,12 @@ def layer_norm_rule(
 ) -> dict[str, Factor]:
     (x,) = inputs[:1]
     nd = len(module.normalized_shape)
-    dims = tuple(range(x.dim() - nd, x.dim()))
     lead = tuple(range(1, x.dim() - nd))
     dt = _acc(x)
     g = grad_output.to(dt)
     out: dict[str, Factor] = {}
     if module.weight is not None and module.weight.requires_grad:
-        xf = x.to(dt)
-        mean = xf.mean(dim=dims, keepdim=True)
-        var = xf.var(dim=dims, keepdim=True, unbiased=False)
-        xhat = (xf - mean) * torch.rsqrt(var + module.eps)
+        xhat = F.layer_norm(x.to(dt), module.normalized_shape, None, None, module.eps)
         out["weight"] = Dense((g * xhat).sum(dim=lead) if lead else g * xhat)
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = Dense(g.sum(dim=lead) if lead else g)

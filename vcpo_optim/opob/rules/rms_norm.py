@@ -7,6 +7,7 @@ means ``torch.finfo(x.dtype).eps``, as in PyTorch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Dense, Factor, register_rule
@@ -20,11 +21,9 @@ def rms_norm_rule(
         return {}
     (x,) = inputs[:1]
     nd = len(module.normalized_shape)
-    dims = tuple(range(x.dim() - nd, x.dim()))
     lead = tuple(range(1, x.dim() - nd))
     eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
     dt = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(dt)
-    xhat = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+    xhat = F.rms_norm(x.to(dt), module.normalized_shape, None, eps)
     gx = grad_output.to(dt) * xhat
     return {"weight": Dense(gx.sum(dim=lead) if lead else gx)}

@@ -1,0 +1,216 @@
+"""Refusals: every error is raised before .grad or OPOB state changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opob_oracle import MLP, TinyLM, lm_batch, lm_loss, oracle, proj_loss, rel_err
+from torch import nn
+
+from vcpo_optim.opob import OPOB
+
+
+class WithParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.gain = nn.Parameter(torch.ones(3))
+        self.bias2 = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return self.lin(x) * self.gain + self.bias2
+
+
+def _snapshot(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _same(model, snap):
+    for n, p in model.named_parameters():
+        if snap[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, snap[n]), n
+
+
+def test_strict_lists_uncovered_params():
+    with pytest.raises(ValueError, match=r"gain.*bias2|bias2.*gain"):
+        OPOB(WithParam())
+
+
+def test_fallback_is_exact():
+    torch.manual_seed(0)
+    model = WithParam().double()
+    model.gain.data.normal_()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    fn = proj_loss(x)
+    r = torch.randn(5, dtype=torch.float64)
+    ref_n, _, _, ref_g = oracle(model, fn, r, [0, 0, 1, 1, 1])
+    with OPOB(model, strict=False) as opob:
+        res = opob.backward(fn(model), r, torch.tensor([0, 0, 1, 1, 1]))
+    assert rel_err(res.sq_norms, ref_n) < 1e-10
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_g[n]) < 1e-10, n
+
+
+def test_batchnorm_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        OPOB(model)
+    model.eval()
+    opob = OPOB(model, strict=False)
+    model.train()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        model(torch.randn(5, 3))
+    opob.detach()
+
+
+def test_broadcast_position_ids_refused():
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids, _mask = lm_batch()
+    snap = _snapshot(model)
+    with OPOB(model) as opob:
+        logits = model(ids, expand_pos=False)  # pos ids [1, T] broadcast over the batch
+        loss = -torch.log_softmax(logits, -1)[..., 1].sum(1)
+        with pytest.raises(ValueError, match=r"expand"):
+            opob.backward(loss, torch.randn(ids.shape[0]))
+        assert opob.num_recorded == 0
+    _same(model, snap)
+
+
+def test_functional_use_of_tied_weight_refused():
+    class FunctionalTie(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return F.linear(torch.tanh(self.lin(self.emb(ids))), self.emb.weight)
+
+    model = FunctionalTie()
+    ids = torch.randint(0, 10, (3, 5))
+    with OPOB(model) as opob, pytest.raises(ValueError, match=r"emb\.weight"):
+        opob.backward(model(ids).sum((1, 2)), torch.randn(3))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_multihead_attention_refused_strict():
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2, batch_first=True))
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        OPOB(model)
+
+
+def test_embedding_scale_grad_by_freq_refused():
+    model = nn.Embedding(10, 3, scale_grad_by_freq=True)
+    with OPOB(model) as opob, pytest.raises(ValueError, match="scale_grad_by_freq"):
+        opob.backward(model(torch.randint(0, 10, (3, 4))).sum((1, 2)), torch.randn(3))
+    assert model.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "nan_reward",
+        "inf_loss",
+        "reward_shape",
+        "loss_shape",
+        "empty",
+        "groups_shape",
+        "groups_float",
+        "device",
+        "no_graph",
+    ],
+)
+def test_bad_inputs_leave_grad_unchanged(bad):
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 7)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    snap = _snapshot(model)
+    r = torch.randn(4)
+    groups = None
+    with OPOB(model, scope="group") as opob:
+        loss = model(x).sum(1)
+        if bad == "nan_reward":
+            r[1] = float("nan")
+        elif bad == "inf_loss":
+            loss = loss * torch.tensor([1.0, float("inf"), 1.0, 1.0])
+        elif bad == "reward_shape":
+            r = torch.randn(5)
+        elif bad == "loss_shape":
+            loss = loss.unsqueeze(1)
+        elif bad == "empty":
+            loss, r = loss[:0], r[:0]
+        elif bad == "groups_shape":
+            groups = torch.tensor([0, 0, 1])
+        elif bad == "groups_float":
+            groups = torch.tensor([0.0, 0.0, 1.0, 1.0])
+        elif bad == "device":
+            r = torch.randn(4, device="meta")
+        elif bad == "no_graph":
+            loss = loss.detach()
+        with pytest.raises(ValueError):
+            opob.backward(loss, r, groups)
+        assert opob.num_recorded == 0
+    _same(model, snap)
+
+
+def test_split_group_refused_and_state_unchanged():
+    torch.manual_seed(0)
+    model = MLP()
+    opob = OPOB(model, scope="group")
+    x = torch.randn(6, 7)
+    opob.backward(model(x[:3]).sum(1), torch.randn(3), torch.tensor([0, 0, 1]))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="split group"):
+        opob.backward(model(x[3:]).sum(1), torch.randn(3), torch.tensor([1, 2, 2]))
+    _same(model, snap)
+    # the failed call did not register groups 2: a correct call still works
+    opob.backward(model(x[3:]).sum(1), torch.randn(3), torch.tensor([2, 3, 3]))
+    # a new optimizer step forgets the groups
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    opob.backward(model(x[:3]).sum(1), torch.randn(3), torch.tensor([0, 0, 1]))
+    opob.detach()
+
+
+def test_no_recorded_forward():
+    model = MLP()
+    with OPOB(model) as opob:
+        model.eval()
+        loss = model(torch.randn(3, 7)).sum(1)
+        with pytest.raises(ValueError, match="no forward pass was recorded"):
+            opob.backward(loss, torch.randn(3))
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(3, 7))
+        assert opob.num_recorded == 0
+
+
+def test_inplace_after_linear_is_exact():
+    """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2)).double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    fn = proj_loss(x)
+    r = torch.randn(4, dtype=torch.float64)
+    ref_n, _, _, ref_g = oracle(model, fn, r, [0] * 4)
+    with OPOB(model) as opob:
+        res = opob.backward(fn(model), r)
+    assert rel_err(res.sq_norms, ref_n) < 1e-10
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_g[n]) < 1e-10
+
+
+def test_detach_removes_hooks():
+    model = TinyLM()
+    ids, mask = lm_batch()
+    opob = OPOB(model)
+    opob.detach()
+    lm_loss(ids, mask)(model).sum().backward()  # plain autograd still works
+    assert opob.num_recorded == 0
+    with pytest.raises(ValueError, match="detached"):
+        opob.backward(lm_loss(ids, mask)(model), torch.randn(ids.shape[0]))
