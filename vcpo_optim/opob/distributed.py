@@ -64,6 +64,10 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+def _local(t: Any) -> Any:
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -173,7 +177,12 @@ class DistributedOPOB(OPOB):
     def backward(self, per_sample_loss: Tensor, rewards: Any, groups: Any = None) -> OPOBResult:
         """As :meth:`OPOB.backward`, with the reductions described in the module docstring."""
         self._buffer = {}
-        swapped = self._swap_tp_params() if self._tp_group is not None else []
+        swapped = []
+        if self._tp_group is not None:
+            swapped = self._swap_tp_params()
+            for u in self._tape:  # inputs a TP style turned into DTensors: their local shards
+                u.args = tuple(_local(a) for a in u.args)
+                u.kwargs = {k: _local(v) for k, v in u.kwargs.items()}
         try:
             result = super().backward(per_sample_loss, rewards, groups)
             if swapped:

@@ -35,6 +35,9 @@ from torch import Tensor
 from .rules.base import Dense, Factor, Outer, Rows
 
 _MIN_CHUNK_ELEMS = 1 << 22
+#: On CPU, per-sample gradient stacks are materialised a few samples at a time so that the
+#: stack stays in cache while its norm and its accumulation read it (~1 MB in float32).
+_CPU_MATERIALIZE_ELEMS = 1 << 18
 #: Cost of one pass over one element of a large, memory-bound buffer (a per-sample gradient
 #: stack written by a matmul, read by a reduction) in multiply-adds of a large matmul. Measured on
 #: one CPU core: ~50 GMAC/s against 3-6 Gelem/s for DRAM-bound passes. GPUs are at least as
@@ -98,30 +101,38 @@ def _pair_cost(f1: Factor, f2: Factor) -> float:
     return float(b * t * s * d) + KAPPA * 3 * b * t * s
 
 
+def _c(t: Tensor, dt: torch.dtype) -> Tensor:
+    return t if t.dtype == dt else t.to(dt)
+
+
+def _sl(t: Tensor, lo: int, hi: int) -> Tensor:
+    return t if lo == 0 and hi == t.shape[0] else t[lo:hi]
+
+
 def _materialize(f: Factor, lo: int, hi: int, shape: torch.Size, dt: torch.dtype) -> Tensor:
     """Per-sample gradients of samples ``lo:hi``, ``[hi - lo, *shape]``."""
     if isinstance(f, Outer):
-        a, g = f.a[lo:hi].to(dt), f.g[lo:hi].to(dt)
+        a, g = _c(_sl(f.a, lo, hi), dt), _c(_sl(f.g, lo, hi), dt)
         if a.shape[2] == 1:
             out = torch.bmm(g[:, :, 0].transpose(1, 2), a[:, :, 0])
         else:
             out = torch.einsum("btjm,btjk->bjmk", g, a)
         return out.reshape(hi - lo, *shape)
     if isinstance(f, Rows):
-        g = f.g[lo:hi].to(dt)
+        g = _c(_sl(f.g, lo, hi), dt)
         b, d = g.shape[0], g.shape[2]
-        idx = f.idx[lo:hi] + torch.arange(b, device=g.device).unsqueeze(1) * f.num_rows
+        idx = _sl(f.idx, lo, hi) + torch.arange(b, device=g.device).unsqueeze(1) * f.num_rows
         out = torch.zeros(b * f.num_rows, d, dtype=dt, device=g.device)
         out.index_add_(0, idx.reshape(-1), g.reshape(-1, d))
         return out.reshape(hi - lo, *shape)
-    return f.G[lo:hi].to(dt).reshape(hi - lo, *shape)
+    return _c(_sl(f.G, lo, hi), dt).reshape(hi - lo, *shape)
 
 
 def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tensor:
     """``<F1_i, F2_i>`` for samples ``lo:hi`` without materialising either (ghost)."""
     if isinstance(f1, Outer) and isinstance(f2, Outer):
-        a1, g1 = f1.a[lo:hi].to(dt), f1.g[lo:hi].to(dt)
-        a2, g2 = f2.a[lo:hi].to(dt), f2.g[lo:hi].to(dt)
+        a1, g1 = _c(_sl(f1.a, lo, hi), dt), _c(_sl(f1.g, lo, hi), dt)
+        a2, g2 = _c(_sl(f2.a, lo, hi), dt), _c(_sl(f2.g, lo, hi), dt)
         if a1.shape[2] == 1:
             ga = torch.bmm(a1[:, :, 0], a2[:, :, 0].transpose(1, 2))
             gg = torch.bmm(g1[:, :, 0], g2[:, :, 0].transpose(1, 2))
@@ -130,16 +141,16 @@ def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tens
         gg = torch.einsum("btjm,bsjm->bjts", g1, g2)
         return (ga * gg).sum(dim=(1, 2, 3))
     if isinstance(f1, Rows) and isinstance(f2, Rows):
-        g1, g2 = f1.g[lo:hi].to(dt), f2.g[lo:hi].to(dt)
-        eq = f1.idx[lo:hi].unsqueeze(2) == f2.idx[lo:hi].unsqueeze(1)
+        g1, g2 = _c(_sl(f1.g, lo, hi), dt), _c(_sl(f2.g, lo, hi), dt)
+        eq = _sl(f1.idx, lo, hi).unsqueeze(2) == _sl(f2.idx, lo, hi).unsqueeze(1)
         gg = torch.bmm(g1, g2.transpose(1, 2))
         return (gg * eq.to(dt)).sum(dim=(1, 2))
     r, o = (f1, f2) if isinstance(f1, Rows) else (f2, f1)
     assert isinstance(r, Rows) and isinstance(o, Outer)
     # Rows (idx [b,S], ge [b,S,d]) vs Outer (h [b,T,d], gl [b,T,V]) on a [V, d] parameter:
     # sum_{t,s} gl[t, idx_s] (h_t . ge_s)
-    ge, idx = r.g[lo:hi].to(dt), r.idx[lo:hi]
-    h, gl = o.a[lo:hi, :, 0].to(dt), o.g[lo:hi, :, 0].to(dt)
+    ge, idx = _c(_sl(r.g, lo, hi), dt), _sl(r.idx, lo, hi)
+    h, gl = _c(_sl(o.a, lo, hi)[:, :, 0], dt), _c(_sl(o.g, lo, hi)[:, :, 0], dt)
     gathered = gl.gather(2, idx.unsqueeze(1).expand(-1, gl.shape[1], -1))
     return (gathered * torch.bmm(h, ge.transpose(1, 2))).sum(dim=(1, 2))
 
@@ -147,7 +158,7 @@ def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tens
 def _write(f: Factor, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor:
     """``sum_i coeff_i F_i`` as a parameter-shaped tensor."""
     if isinstance(f, Outer):
-        g, a = f.g.to(dt), f.a.to(dt)
+        g, a = _c(f.g, dt), _c(f.a, dt)
         if a.shape[-1] <= g.shape[-1]:
             a = a * coeff.view(-1, 1, 1, 1)
         else:
@@ -159,11 +170,11 @@ def _write(f: Factor, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tens
             out = torch.einsum("btjm,btjk->jmk", g, a)
         return out.reshape(shape)
     if isinstance(f, Rows):
-        g = f.g.to(dt) * coeff.view(-1, 1, 1)
+        g = _c(f.g, dt) * coeff.view(-1, 1, 1)
         out = torch.zeros(f.num_rows, g.shape[-1], dtype=dt, device=g.device)
         out.index_add_(0, f.idx.reshape(-1), g.reshape(-1, g.shape[-1]))
         return out.reshape(shape)
-    return torch.tensordot(coeff, f.G.to(dt), dims=1).reshape(shape)
+    return torch.mv(_c(f.G, dt).reshape(coeff.shape[0], -1).t(), coeff).reshape(shape)
 
 
 @dataclass
@@ -196,8 +207,11 @@ class ParamWork:
         self.strategy = min(costs, key=lambda k: costs[k])
         return self.strategy
 
-    def _chunk(self, per_sample: int) -> int:
+    def _chunk(self, per_sample: int, materialize: bool = False) -> int:
+        """Samples per chunk: transient buffers stay below max(4M elements, the factors' size)."""
         cap = max(_MIN_CHUNK_ELEMS, sum(_elems(f) for f in self.factors))
+        if materialize and self.param.device.type == "cpu":
+            cap = _CPU_MATERIALIZE_ELEMS
         return max(1, cap // max(per_sample, 1))
 
     def sq_norms(
@@ -210,8 +224,8 @@ class ParamWork:
     ) -> Tensor:
         """``n_i(p)``; with strategy ``acc`` also fills ``A_R = sum r_i G_i``, ``A_S[s] = sum_{i in s} q_i G_i``."""
         p, dt = self.param, acc_dtype(self.param)
-        out = torch.zeros(batch, dtype=dt, device=p.device)
         if self.strategy == "ghost":
+            out = torch.zeros(batch, dtype=dt, device=p.device)
             fs = self.factors
             for u in range(len(fs)):
                 for v in range(u, len(fs)):
@@ -229,29 +243,35 @@ class ParamWork:
             assert r is not None and q is not None and sid is not None
             # rows: [r; one-hot(scope) * q]  ->  one matmul gives A_R and every A_S[s]
             coef_mat = torch.zeros(n_scopes + 1, batch, dtype=dt, device=p.device)
-            coef_mat[0] = r.to(dt)
-            coef_mat[1 + sid, torch.arange(batch, device=p.device)] = q.to(dt)
+            coef_mat[0] = _c(r, dt)
+            coef_mat[1 + sid, torch.arange(batch, device=p.device)] = _c(q, dt)
             acc = torch.zeros(n_scopes + 1, self.numel, dtype=dt, device=p.device)
-        step = self._chunk(self.numel)
+        step = self._chunk(self.numel, materialize=True)
+        out = torch.empty(batch, dtype=dt, device=p.device) if step < batch else None
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
             g = _materialize(self.factors[0], lo, hi, p.shape, dt)
             for f in self.factors[1:]:
                 g = g + _materialize(f, lo, hi, p.shape, dt)
             flat = g.reshape(hi - lo, -1)
-            out[lo:hi] = torch.linalg.vecdot(flat, flat)
+            n = torch.linalg.vecdot(flat, flat)
+            if out is None:
+                out = n
+            else:
+                out[lo:hi] = n
             if coef_mat is not None:
                 acc.addmm_(coef_mat[:, lo:hi], flat)
         if coef_mat is not None:
             self.acc_r = acc[0].view(p.shape)
             self.acc_s = acc[1:].view(n_scopes, *p.shape)
             self.factors = []  # no longer needed: free activations early
+        assert out is not None
         return out
 
     def weighted_sum(self, coeff: Tensor) -> Tensor:
         """``sum_i coeff_i G_i`` written from the factors (strategies ``ghost`` / ``direct``)."""
         dt = acc_dtype(self.param)
-        coeff = coeff.to(dt)
+        coeff = _c(coeff, dt)
         out = _write(self.factors[0], coeff, self.param.shape, dt)
         for f in self.factors[1:]:
             out += _write(f, coeff, self.param.shape, dt)
