@@ -268,6 +268,11 @@ class ParamWork:
         assert out is not None
         return out
 
+    def release(self) -> None:
+        """Drop the factors (activations, output gradients) and accumulators."""
+        self.factors = []
+        self.acc_r = self.acc_s = None
+
     def weighted_sum(self, coeff: Tensor) -> Tensor:
         """``sum_i coeff_i G_i`` written from the factors (strategies ``ghost`` / ``direct``)."""
         dt = acc_dtype(self.param)

@@ -590,7 +590,7 @@ class OPOB:
                 gs = [None if gr is None else gr.reshape(s) for gr, s in zip(gs, u.out_shapes)]
                 if all(gr is None for gr in gs):
                     continue
-                facs: dict[str, Factor]
+                facs: dict[str, Factor] | None
                 if u.rule:
                     (go,) = gs
                     assert go is not None
@@ -609,7 +609,8 @@ class OPOB:
                     if w is None:
                         w = works[id(p)] = ParamWork(p, self._names.get(id(p), pname))
                     w.factors.append(fac)
-            del grads
+            grads = gs = facs = go = u = None  # type: ignore[assignment]
+            self._tape.clear()  # the factors hold what is still needed; free the rest now
 
             batch_scope = self.scope == "batch"
             if batch_scope:
@@ -662,6 +663,7 @@ class OPOB:
                     else:
                         self._sums[id(w.param)] = (d1.clone(), d0.clone())
                     self._write_grad(w.param, delta)
+                    w.release()
                 for pid, (s1, s0) in self._sums.items():
                     if pid not in works:  # used in an earlier call only: its baseline moved
                         self._write_grad(
@@ -677,6 +679,7 @@ class OPOB:
                     else:
                         contrib = w.weighted_sum(coef)
                     self._write_grad(w.param, contrib)
+                    w.release()
                 if new_ids is not None:
                     seen = self._seen_groups
                     self._seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
