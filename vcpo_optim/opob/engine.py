@@ -133,6 +133,10 @@ def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tens
     if isinstance(f1, Outer) and isinstance(f2, Outer):
         a1, g1 = _c(_sl(f1.a, lo, hi), dt), _c(_sl(f1.g, lo, hi), dt)
         a2, g2 = _c(_sl(f2.a, lo, hi), dt), _c(_sl(f2.g, lo, hi), dt)
+        if a1.shape[1] == 1 and a2.shape[1] == 1 and a1.shape[2] == 1:
+            # one token: <g a^T, g' a'^T> = (a . a')(g . g')
+            va = torch.linalg.vecdot(a1.flatten(1), a2.flatten(1))
+            return va * torch.linalg.vecdot(g1.flatten(1), g2.flatten(1))
         if a1.shape[2] == 1:
             ga = torch.bmm(a1[:, :, 0], a2[:, :, 0].transpose(1, 2))
             gg = torch.bmm(g1[:, :, 0], g2[:, :, 0].transpose(1, 2))
