@@ -537,13 +537,10 @@ class OPOB:
             sid = torch.zeros(r_step.numel(), dtype=torch.long, device=r.device)
             return r_step, sid, 1, r_all, offset + (0 if prev is None else prev.numel()), None
         if groups is None:
-            ids = torch.zeros(b, dtype=torch.int64, device=r.device)
-            ids_all, _ = _gather_varlen(ids.to(torch.float64), group)
-            ids_all = ids_all.to(torch.int64)
+            ids_all, _ = _gather_varlen(torch.zeros(b, dtype=torch.int64, device=r.device), group)
             new_ids = None
         else:
-            ids_all, _ = _gather_varlen(groups.to(torch.float64), group)
-            ids_all = ids_all.to(torch.int64)
+            ids_all, _ = _gather_varlen(groups, group)  # exact for |id| < 2**53 across ranks
             new_ids = torch.unique(ids_all)
             if self._seen_groups is not None:
                 dup = new_ids[torch.isin(new_ids, self._seen_groups)]
