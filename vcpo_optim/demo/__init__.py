@@ -28,7 +28,7 @@ __all__ = ["QUICK", "build_config", "main", "parse_args"]
 QUICK: dict[str, object] = {
     "seeds": (0,),
     "lags": (0, 32),
-    "steps": 200,
+    "steps": 150,
     "warmup_steps": 800,
 }
 
@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "(no IS, TIS, VCPO and its ablations) at several policy lags k."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="one seed, k in {0, 32}, 200 steps")
+    p.add_argument("--quick", action="store_true", help="one seed, k in {0, 32}, 150 steps")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     p.add_argument("--lags", type=_ints, help="comma-separated lags k (default 0,8,32,128)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seed ids (default 0,1,2)")

@@ -133,8 +133,9 @@ def results_markdown(res: Results, summary: list[dict[str, Any]], figure: str | 
         "steps (1 at k=0; after a collapse the policy is nearly deterministic and the ratio "
         "drifts back up, so read it with the accuracy). Max grad norm = largest total "
         "gradient norm before clipping at "
-        f"{cfg.grad_clip:g}. Wall-clock is CPU time of this simulation per run; it does "
-        "not model the sampler/learner overlap that makes real async RL faster.",
+        f"{cfg.grad_clip:g}. Wall-clock / run is the elapsed time of one simulated run "
+        "(machine shared with other jobs); the simulation runs sampler and learner in "
+        "turn, so it does not model the overlap that makes real async RL faster.",
         "",
     ]
     if figure:
