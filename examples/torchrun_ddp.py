@@ -25,8 +25,8 @@ Each rank samples its own prompts. What matters for distributed VCPO:
   loss by ``world_size / global_batch_size`` instead (see the README).
 * With ``--opob`` the gradient comes from OPOB, the off-policy optimal
   baseline, reduced over the data-parallel group by
-  ``vcpo_optim.opob.distributed`` (OPOB writes ``.grad`` itself, so DDP's own
-  all-reduce is bypassed with ``no_sync``).
+  ``vcpo_optim.opob.distributed.DistributedOPOB`` (OPOB writes ``.grad`` itself, so DDP's
+  gradient all-reduce would never fire: the policy is used unwrapped).
 """
 
 from __future__ import annotations
@@ -107,7 +107,15 @@ def main() -> None:
 
     torch.manual_seed(0)  # same init everywhere (DDP also broadcasts rank 0's)
     policy = BigramPolicy(args.vocab, args.dim).to(device)
-    model = DDP(policy, device_ids=[device.index] if use_cuda else None)
+    if args.opob:
+        # DistributedOPOB reduces its own gradients, so DDP's wrapper has nothing to do;
+        # only its start-up broadcast is needed. (Keeping DDP also works: run the forward
+        # and opob.backward() under model.no_sync().)
+        for p in policy.parameters():
+            dist.broadcast(p.data, src=0)
+        model = policy
+    else:
+        model = DDP(policy, device_ids=[device.index] if use_cuda else None)
     opt = VCPOAdamW(model.parameters(), lr=args.lr, weight_decay=0.0)  # ESS over the world
     sampler = copy.deepcopy(policy).eval()
     opob = None
@@ -138,12 +146,12 @@ def main() -> None:
             adv = grpo_advantages(rewards, groups)
             per_sample_pg_loss(logp, mask, adv, lw.exp(), agg="seq-mean-token-sum").sum().backward()
         else:
-            with model.no_sync():  # OPOB reduces its own gradients over the DP group
-                logp = token_logps(model, tokens)
-                lw = sequence_log_weights(logp, logp_old, mask)
-                # score surrogate l_i = -w_i log pi(tau_i) / B; OPOB applies R_i - b*
-                l_vec = per_sample_pg_loss(logp, mask, None, lw.exp(), agg="seq-mean-token-sum")
-                opob.backward(l_vec, rewards, groups)
+            logp = token_logps(model, tokens)
+            lw = sequence_log_weights(logp, logp_old, mask)
+            # score surrogate l_i = -w_i log pi(tau_i) / B; OPOB applies R_i - b* and
+            # reduces sum_i c_i grad l_i over the data-parallel group
+            l_vec = per_sample_pg_loss(logp, mask, None, lw.exp(), agg="seq-mean-token-sum")
+            opob.backward(l_vec, rewards, groups)
         opt.step(log_weights=lw)
 
         mean_r = rewards.mean()
@@ -163,6 +171,9 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(s, sums[0]) for s in sums)
         print(f"replicas identical: {same}", flush=True)
+    # Release DDP (its reducer holds the process group) before tearing the group down.
+    del model, opob
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,0 +1,208 @@
+"""Tensor parallelism and a 2-D (data x tensor) mesh on 4 real gloo ranks.
+
+Mesh ``(dp=2, tp=2)``: ranks {0, 1} are data-parallel replica 0 and {2, 3}
+replica 1; within a replica the MLP is split with ``ColwiseParallel`` (first
+Linear) and ``RowwiseParallel`` (second Linear); the last Linear stays
+replicated. Each data-parallel replica takes its own slice of the global
+batch; the single-process reference runs on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import _common as C
+import pytest
+import torch
+from _harness import launch, values, worker_main
+
+WORLD = 4
+DP, TP = 2, 2
+SIZES = (5, 3)
+STEPS = [51, 52]
+GROUPS = torch.tensor([0, 0, 1, 1, 2, 2, 1, 3])  # group 1 straddles the two replicas
+
+
+def _mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
+
+
+def _dp_rank() -> int:
+    return int(os.environ["RANK"]) // TP
+
+
+def _tp_model(mesh):
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    model = C.make_mlp(0)
+    return parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def s_fsdp_tp_vcpo_adamw():
+    """FSDP2 over dp on top of TP over tp (the canonical 2-D layout) + VCPOAdamW over dp."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import VCPOAdamW
+
+    mesh = _mesh()
+    model = _tp_model(mesh)
+    fully_shard(model, mesh=mesh["dp"])
+    placements = {n: str(p.placements) for n, p in model.named_parameters()}
+    opt = VCPOAdamW(
+        model.parameters(), lr=1e-2, weight_decay=0.01, process_group=mesh["dp"].get_group()
+    )
+    out = {"params": [], "lr_scale": [], "n": [], "placements": placements}
+    for seed in STEPS:
+        batch = C.local_slice(C.global_batch(seed, SIZES), SIZES, _dp_rank())
+        opt.zero_grad()
+        (C.per_sample_loss(model, batch).sum() * DP / sum(SIZES)).backward()
+        opt.step(log_weights=batch["lw"])
+        out["params"].append(C.params_of(model))
+        out["lr_scale"].append(opt.last_stats.lr_scale.item())
+        out["n"].append(int(opt.last_stats.n))
+    return out
+
+
+def _surrogate(model, batch):
+    out = model(batch["x"]).reshape(-1)
+    return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
+
+
+def _opob_run(scope: str, **kw):
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    mesh = _mesh()
+    model = _tp_model(mesh)
+    dp_group = mesh["dp"].get_group()
+    opob = DistributedOPOB(
+        model,
+        scope=scope,
+        process_group=dp_group,
+        tensor_parallel_group=mesh["tp"].get_group(),
+        **kw,
+    )
+    opt = VCPOAdamW(model.parameters(), lr=1e-2, process_group=dp_group)
+    out = []
+    for seed in STEPS:
+        gb = C.global_batch(seed, SIZES)
+        gb["groups"] = GROUPS
+        batch = C.local_slice(gb, SIZES, _dp_rank())
+        opt.zero_grad()
+        r = opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
+        grads = [_full(p.grad) for p in model.parameters()]
+        grad_types = [type(p.grad).__name__ for p in model.parameters()]
+        opt.step(log_weights=batch["lw"])
+        out.append(
+            {
+                "sq_norms": r.sq_norms,
+                "baselines": r.baselines,
+                "coefficients": r.coefficients,
+                "grads": grads,
+                "grad_types": grad_types,
+                "params": C.params_of(model),
+                "lr_scale": opt.last_stats.lr_scale.item(),
+            }
+        )
+    return out
+
+
+def s_tp_dp_opob_group():
+    return _opob_run("group")
+
+
+def s_tp_dp_opob_batch_std():
+    return _opob_run("batch", norm_by_std=True)
+
+
+SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def res():
+    return launch(__file__, WORLD)
+
+
+def test_fsdp_tp_2d_mesh_vcpo_adamw_equals_single_process(res):
+    ref = C.reference_train(STEPS, SIZES)
+    vs = values(res, "fsdp_tp_vcpo_adamw")
+    # really 2-D: sharded over dp (FSDP2, strided) and over tp (column / row)
+    assert vs[0]["placements"]["0.weight"].endswith("Shard(dim=0))")
+    assert "Shard(dim=0, sf=2)" in vs[0]["placements"]["0.weight"]
+    assert vs[0]["placements"]["2.weight"].endswith("Shard(dim=1))")
+    for v in vs:
+        assert v["n"] == [sum(SIZES)] * len(STEPS)
+        for step in range(len(STEPS)):
+            assert v["lr_scale"][step] == pytest.approx(ref["lr_scale"][step], rel=1e-12)
+            C.assert_params_close(v["params"][step], ref["params"][step])
+    assert min(ref["lr_scale"]) < 0.9
+
+
+def _opob_reference(scope, **kw):
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob import OPOB
+
+    model = C.make_mlp(0)
+    opob = OPOB(model, scope=scope, **kw)
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    out = []
+    for seed in STEPS:
+        b = C.global_batch(seed, SIZES)
+        opt.zero_grad()
+        r = opob.backward(_surrogate(model, b), b["reward"], GROUPS)
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step(log_weights=b["lw"])
+        out.append(
+            {
+                "res": r,
+                "grads": grads,
+                "params": C.params_of(model),
+                "lr_scale": opt.last_stats.lr_scale.item(),
+            }
+        )
+    return out
+
+
+def _check_opob(got_ranks, ref):
+    for rank, got in enumerate(got_ranks):
+        d = rank // TP
+        lo, hi = sum(SIZES[:d]), sum(SIZES[: d + 1])
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(
+                g["sq_norms"], r["res"].sq_norms[lo:hi], rtol=1e-9, atol=1e-14
+            )
+            torch.testing.assert_close(
+                g["baselines"], r["res"].baselines[lo:hi], rtol=1e-9, atol=1e-12
+            )
+            torch.testing.assert_close(
+                g["coefficients"], r["res"].coefficients[lo:hi], rtol=1e-9, atol=1e-12
+            )
+            for a, b in zip(g["grads"], r["grads"]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            C.assert_params_close(g["params"], r["params"])
+            assert g["lr_scale"] == pytest.approx(r["lr_scale"], rel=1e-12)
+            assert g["grad_types"][:4] == ["DTensor"] * 4  # TP shards get DTensor grads
+
+
+def test_tp_x_dp_opob_group_scope_equals_single_process(res):
+    _check_opob(values(res, "tp_dp_opob_group"), _opob_reference("group"))
+
+
+def test_tp_x_dp_opob_batch_scope_std_equals_single_process(res):
+    _check_opob(values(res, "tp_dp_opob_batch_std"), _opob_reference("batch", norm_by_std=True))
+
+
+if __name__ == "__main__":
+    worker_main(SCENARIOS)
