@@ -108,6 +108,19 @@ def s_ddp_uneven_sizes():
     return _ddp(sizes=(6, 2), scope="batch")
 
 
+def s_ddp_empty_rank_group_scope():
+    return _ddp(sizes=(8, 0), scope="group")
+
+
+def s_ddp_empty_rank_batch_accumulation():
+    return _ddp(sizes=(8, 0), scope="batch", micro=2)
+
+
+def s_ddp_partly_empty_micro_batches():
+    """Rank 1's first micro-batch is empty, its second has one sample (batch scope)."""
+    return _ddp(sizes=(7, 1), scope="batch", micro=2)
+
+
 def s_fsdp_group_scope():
     from torch.distributed.fsdp import fully_shard
 
@@ -259,6 +272,19 @@ def test_ddp_weighted_median_and_std_normalisation(res):
 
 def test_ddp_uneven_local_batch_sizes(res):
     _compare(values(res, "ddp_uneven_sizes"), reference(sizes=(6, 2), scope="batch"), (6, 2))
+
+
+def test_ddp_rank_with_no_samples(res):
+    _compare(
+        values(res, "ddp_empty_rank_group_scope"), reference(sizes=(8, 0), scope="group"), (8, 0)
+    )
+
+
+def test_ddp_rank_with_no_samples_and_accumulation(res):
+    got = values(res, "ddp_empty_rank_batch_accumulation")
+    _compare(got, reference(sizes=(8, 0), scope="batch"), (8, 0), per_sample=False)
+    got = values(res, "ddp_partly_empty_micro_batches")
+    _compare(got, reference(sizes=(7, 1), scope="batch"), (7, 1), per_sample=False)
 
 
 def test_fsdp2_equals_single_process(res):

@@ -49,8 +49,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import distributed as _dist
+from .baseline import scope_baselines, scope_inv_std
 from .engine import acc_dtype
-from .hook import OPOB, OPOBResult
+from .hook import OPOB, OPOBResult, _gather_varlen
 from .rules import RULES, get_rule, register_rule
 
 __all__ = ["DistributedOPOB"]
@@ -62,6 +63,15 @@ def _is_dtensor(t: Any) -> bool:
     except ImportError:  # pragma: no cover - old torch
         return False
     return isinstance(t, DTensor)
+
+
+def _as_empty(x: Any, device: torch.device, what: str) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(x if x is not None else [])
+    if tuple(t.shape) != (0,):
+        raise ValueError(
+            f"OPOB: per_sample_loss is empty but {what} has shape {tuple(t.shape)} (expected [0])"
+        )
+    return t.to(device)
 
 
 def _local(t: Any) -> Any:
@@ -150,6 +160,7 @@ class DistributedOPOB(OPOB):
                 if _is_dtensor(p) and self._tp_group is None:
                     self._tp_group = p.device_mesh.get_group()
         self._sharded_ids: set[int] = set()
+        self._stand_ins: dict[int, Tensor] = {}  # id(TP DTensor parameter) -> local stand-in
 
     # ------------------------------------------------------------------ groups
 
@@ -175,7 +186,13 @@ class DistributedOPOB(OPOB):
     # ------------------------------------------------------------------ backward
 
     def backward(self, per_sample_loss: Tensor, rewards: Any, groups: Any = None) -> OPOBResult:
-        """As :meth:`OPOB.backward`, with the reductions described in the module docstring."""
+        """As :meth:`OPOB.backward`, with the reductions described in the module docstring.
+
+        A rank with no samples in this call passes an empty ``per_sample_loss``
+        (shape ``[0]``; a forward pass on the empty batch is optional) and
+        empty ``rewards``: it takes part in every collective and receives the
+        global gradient.
+        """
         self._buffer = {}
         swapped = []
         if self._tp_group is not None:
@@ -184,7 +201,16 @@ class DistributedOPOB(OPOB):
                 u.args = tuple(_local(a) for a in u.args)
                 u.kwargs = {k: _local(v) for k, v in u.kwargs.items()}
         try:
-            result = super().backward(per_sample_loss, rewards, groups)
+            if (
+                isinstance(per_sample_loss, Tensor)
+                and per_sample_loss.dim() == 1
+                and per_sample_loss.shape[0] == 0
+                and self._dp_group() is not None
+            ):
+                self._tape.clear()
+                result = self._backward_empty(per_sample_loss, rewards, groups)
+            else:
+                result = super().backward(per_sample_loss, rewards, groups)
             if swapped:
                 # the step-boundary check looks at the real parameters' .grad
                 self._written = [self._tp_params.get(id(p), p) for p in self._written]
@@ -192,7 +218,62 @@ class DistributedOPOB(OPOB):
             self._restore_tp_params(swapped)
             buffer, self._buffer = self._buffer, None
         self._flush(buffer)
+        if not self._written:
+            self._written = [p for p in self._order if p.grad is not None]
         return result
+
+    def _backward_empty(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
+        """This rank's part of a backward call in which it has no samples.
+
+        Mirrors the collectives of :meth:`OPOB._backward` (validation, rewards
+        and group ids, norms) and its per-step state, with ``B = 0``.
+        """
+        group = self._dp_group()
+        error = None
+        try:
+            r = _as_empty(rewards, loss.device, "rewards")
+            g = None
+            if groups is not None and self.scope == "group":
+                g = _as_empty(groups, loss.device, "groups").to(torch.int64)
+        except ValueError as exc:
+            error = exc
+        self._agree(error, group, "invalid input")
+        if any(p.grad is None for p in self._written):
+            self._reset_step()
+        dev = loss.device
+        dt = (
+            torch.float64
+            if any(p.dtype == torch.float64 for p in self._params.values())
+            else torch.float32
+        )
+        r = r.to(dt)
+        r_scope, sid_all, n_scopes, r_call, _, new_ids = self._scopes(0, r, g, group)
+        if r_call.numel() == 0:
+            raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
+        inv = scope_inv_std(r_scope, sid_all, n_scopes) if self.norm_by_std else None
+        sq = self._reduce_sq_norms([], torch.zeros(0, dtype=dt, device=dev))
+        n_all, _ = _gather_varlen(sq, group)
+        batch_scope = self.scope == "batch"
+        if batch_scope and self._hist_n is not None:
+            n_scope = torch.cat([self._hist_n, n_all])
+        else:
+            n_scope = n_all
+        bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, self.agg, self.winsor_q)
+        ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
+        with torch.no_grad():
+            if batch_scope:
+                bb, kk = bs[0], ks[0]
+                pb, pk = self._prev_b, self._prev_k
+                for pid, (s1, s0) in self._sums.items():  # earlier calls: their baseline moved
+                    self._write_grad(self._params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
+                self._prev_b, self._prev_k = bb, kk
+                self._hist_n, self._hist_r = n_scope, r_scope
+            elif new_ids is not None:
+                seen = self._seen_groups
+                self._seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
+        self._written = [self._params[i] for i in self._sums]
+        empty = torch.zeros(0, dtype=dt, device=dev)
+        return OPOBResult(sq_norms=empty, baselines=empty.clone(), coefficients=empty.clone())
 
     def _validate(self, loss: Any, rewards: Any, groups: Any) -> tuple[int, Tensor, Tensor | None]:
         group = self._dp_group()
@@ -408,16 +489,21 @@ class DistributedOPOB(OPOB):
         from torch.distributed.tensor import Replicate
 
         swapped = []
-        self._tp_params = {}
-        self._sharded_ids = set()
         for mod in self.model.modules():
             for name, p in list(mod._parameters.items()):
                 if p is None or not p.requires_grad or not _is_dtensor(p):
                     continue
-                local = nn.Parameter(p.to_local(), requires_grad=True)
-                self._tp_params[id(local)] = p
-                if any(pl != Replicate() for pl in p.placements):
-                    self._sharded_ids.add(id(local))
+                shard = p.to_local()
+                local = self._stand_ins.get(id(p))
+                if local is None or local.data_ptr() != shard.data_ptr():
+                    # one stand-in per parameter, kept across calls (accumulators key on it)
+                    local = nn.Parameter(shard, requires_grad=True)
+                    self._stand_ins[id(p)] = local
+                    self._tp_params[id(local)] = p
+                    self._params[id(local)] = local
+                    self._names[id(local)] = self._names.get(id(p), name)
+                    if any(pl != Replicate() for pl in p.placements):
+                        self._sharded_ids.add(id(local))
                 mod._parameters[name] = local
                 swapped.append((mod, name, p))
         return swapped
