@@ -121,6 +121,21 @@ def s_ddp_partly_empty_micro_batches():
     return _ddp(sizes=(7, 1), scope="batch", micro=2)
 
 
+def s_public_opob_class_under_ddp():
+    """``vcpo_optim.OPOB`` itself reduces over the world group under torchrun."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim import OPOB, VCPOAdamW
+
+    policy = C.make_mlp(0)
+    model = DDP(policy)
+    opob = OPOB(policy, scope="group")
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    out = run_opob(model, opob, opt, STEPS, SIZES, _rank(), ctx=model.no_sync)
+    out[0]["class"] = type(opob).__name__
+    return out
+
+
 def s_fsdp_group_scope():
     from torch.distributed.fsdp import fully_shard
 
@@ -285,6 +300,12 @@ def test_ddp_rank_with_no_samples_and_accumulation(res):
     _compare(got, reference(sizes=(8, 0), scope="batch"), (8, 0), per_sample=False)
     got = values(res, "ddp_partly_empty_micro_batches")
     _compare(got, reference(sizes=(7, 1), scope="batch"), (7, 1), per_sample=False)
+
+
+def test_public_opob_class_is_distributed(res):
+    got = values(res, "public_opob_class_under_ddp")
+    assert got[0][0]["class"] == "DistributedOPOB"
+    _compare(got, reference(scope="group"), SIZES)
 
 
 def test_fsdp2_equals_single_process(res):

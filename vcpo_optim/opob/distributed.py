@@ -193,6 +193,8 @@ class DistributedOPOB(OPOB):
         empty ``rewards``: it takes part in every collective and receives the
         global gradient.
         """
+        if self._dp_group() is None and self._tp_group is None and not self._fsdp:
+            return super().backward(per_sample_loss, rewards, groups)  # nothing to reduce
         self._buffer = {}
         swapped = []
         if self._tp_group is not None:
@@ -305,10 +307,13 @@ class DistributedOPOB(OPOB):
             total = sharded.to(device)
             dist.all_reduce(total, group=self._tp_group)
             sq = total.to(sq.device) + replicated
+        group = self._dp_group()
+        if group is None:
+            return sq  # OPOB's own check raises on non-finite norms
         finite = bool(torch.isfinite(sq).all())
         self._agree(
             None if finite else ValueError("per-sample gradient norms are not finite"),
-            self._dp_group(),
+            group,
             "non-finite per-sample gradient norms",
         )
         return sq

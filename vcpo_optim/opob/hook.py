@@ -192,6 +192,16 @@ class OPOB:
     ``nn.Embedding(scale_grad_by_freq=True)``.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> OPOB:
+        # Data / tensor parallelism (reductions of gradients and norms that DDP's and
+        # FSDP2's hooks never see) live in vcpo_optim.opob.distributed; without a
+        # process group it behaves exactly like this class.
+        if cls is OPOB:
+            from .distributed import DistributedOPOB
+
+            cls = DistributedOPOB
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
