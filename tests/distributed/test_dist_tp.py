@@ -14,7 +14,7 @@ import os
 import _common as C
 import pytest
 import torch
-from _harness import launch, values, worker_main
+from _harness import errors, launch, values, worker_main
 
 WORLD = 4
 DP, TP = 2, 2
@@ -125,6 +125,50 @@ def s_tp_dp_opob_batch_std():
     return _opob_run("batch", norm_by_std=True)
 
 
+HSDP_SIZES = (3, 2, 2, 1)
+
+
+def s_hsdp_opob():
+    """HSDP (replicate x shard on the 2-D mesh): all 4 ranks are data parallel."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import OPOB, VCPOAdamW
+
+    mesh = _mesh()
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    placements = str(model[0].weight.placements)
+    opob = OPOB(model, scope="group")
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    out = []
+    for seed in STEPS:
+        gb = C.global_batch(seed, HSDP_SIZES)
+        gb["groups"] = GROUPS
+        batch = C.local_slice(gb, HSDP_SIZES, dist.get_rank())
+        opt.zero_grad()
+        r = opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
+        grads = [_full(p.grad) for p in model.parameters()]
+        opt.step(log_weights=batch["lw"])
+        out.append({"sq_norms": r.sq_norms, "grads": grads, "params": C.params_of(model)})
+    out[0]["placements"] = placements
+    return out
+
+
+def s_fsdp_tp_opob_refused():
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import OPOB
+
+    mesh = _mesh()
+    model = _tp_model(mesh)
+    fully_shard(model, mesh=mesh["dp"])
+    OPOB(model, process_group=mesh["dp"].get_group())
+
+
 SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
 
 # ----------------------------------------------------------------------------- tests
@@ -202,6 +246,26 @@ def test_tp_x_dp_opob_group_scope_equals_single_process(res):
 
 def test_tp_x_dp_opob_batch_scope_std_equals_single_process(res):
     _check_opob(values(res, "tp_dp_opob_batch_std"), _opob_reference("batch", norm_by_std=True))
+
+
+def test_hsdp_opob_equals_single_process(res):
+    ref = _opob_reference("group")
+    got = values(res, "hsdp_opob")
+    assert got[0][0]["placements"] == "(Replicate(), Shard(dim=0))"
+    for rank, steps in enumerate(got):
+        lo, hi = sum(HSDP_SIZES[:rank]), sum(HSDP_SIZES[: rank + 1])
+        for g, r in zip(steps, ref):
+            torch.testing.assert_close(
+                g["sq_norms"], r["res"].sq_norms[lo:hi], rtol=1e-9, atol=1e-14
+            )
+            for a, b in zip(g["grads"], r["grads"]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            C.assert_params_close(g["params"], r["params"])
+
+
+def test_fsdp_on_top_of_tp_is_refused_with_a_clear_error(res):
+    for kind, msg in errors(res, "fsdp_tp_opob_refused"):
+        assert kind == "ValueError" and "not supported" in msg
 
 
 if __name__ == "__main__":

@@ -65,6 +65,25 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+def _check_fsdp_layout(params: Any) -> None:
+    """Refuse FSDP2 on top of tensor parallelism (parameters sharded on two mesh dims).
+
+    There the activations OPOB sees are tensor-parallel shards while FSDP2
+    shards the full parameter: not supported. FSDP2 (``Shard(0)``) and HSDP
+    (``Replicate(), Shard(0)``) are.
+    """
+    from torch.distributed.tensor import Replicate
+
+    for p in params:
+        if _is_dtensor(p) and sum(pl != Replicate() for pl in p.placements) > 1:
+            raise ValueError(
+                "OPOB: FSDP2 combined with tensor parallelism (parameters sharded on "
+                f"{p.placements}) is not supported; use tensor parallelism with OPOB's own "
+                "data-parallel reduction (DistributedOPOB(model, process_group=dp_group, "
+                "tensor_parallel_group=tp_group), no fully_shard), or FSDP2/HSDP without TP"
+            )
+
+
 def _as_empty(x: Any, device: torch.device, what: str) -> Tensor:
     t = x if isinstance(x, Tensor) else torch.as_tensor(x if x is not None else [])
     if tuple(t.shape) != (0,):
@@ -150,6 +169,8 @@ class DistributedOPOB(OPOB):
         super().__init__(model, process_group=process_group, **kwargs)
         self.grad_reduction = grad_reduction
         self._fsdp = _fsdp_modules(model)
+        if self._fsdp:
+            _check_fsdp_layout(self._params.values())
         # Order of the gradient bucket: named_parameters order, identical on every rank.
         self._order = list(self._params.values())
         self._buffer: dict[int, Tensor] | None = None
