@@ -169,6 +169,12 @@ def s_fsdp_tp_opob_refused():
     OPOB(model, process_group=mesh["dp"].get_group())
 
 
+def s_tp_opob_needs_dp_group():
+    from vcpo_optim import OPOB
+
+    OPOB(_tp_model(_mesh()))  # default process_group (world) would mix TP shards
+
+
 SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
 
 # ----------------------------------------------------------------------------- tests
@@ -266,6 +272,11 @@ def test_hsdp_opob_equals_single_process(res):
 def test_fsdp_on_top_of_tp_is_refused_with_a_clear_error(res):
     for kind, msg in errors(res, "fsdp_tp_opob_refused"):
         assert kind == "ValueError" and "not supported" in msg
+
+
+def test_tp_opob_without_dp_group_is_refused(res):
+    for kind, msg in errors(res, "tp_opob_needs_dp_group"):
+        assert kind == "ValueError" and "data-parallel group" in msg
 
 
 if __name__ == "__main__":

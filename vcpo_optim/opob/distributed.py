@@ -182,6 +182,16 @@ class DistributedOPOB(OPOB):
                     self._tp_group = p.device_mesh.get_group()
         self._sharded_ids: set[int] = set()
         self._stand_ins: dict[int, Tensor] = {}  # id(TP DTensor parameter) -> local stand-in
+        if (
+            process_group is None
+            and self._tp_group is not None
+            and _dist.get_world_size(_dist.resolve_group(self._tp_group, default_world=False)) > 1
+        ):
+            raise ValueError(
+                "OPOB: the model is tensor parallel; pass process_group=<the data-parallel group> "
+                "(e.g. mesh['dp'].get_group(), of size 1 without data parallelism): the default, "
+                "the world group, would also sum the gradients of different TP shards"
+            )
 
     # ------------------------------------------------------------------ groups
 
