@@ -242,18 +242,26 @@ class ParamWork:
                         d = _pair_dot(fs[u], fs[v], lo, hi, dt)
                         out[lo:hi] += d if u == v else 2 * d
             return out
-        coef_mat: Tensor | None = None
-        if self.strategy == "acc":
-            assert r is not None and q is not None and sid is not None
-            # rows: [r; one-hot(scope) * q]  ->  one matmul gives A_R and every A_S[s]
-            coef_mat = torch.zeros(n_scopes + 1, batch, dtype=dt, device=p.device)
-            coef_mat[0] = _c(r, dt)
-            coef_mat[1 + sid, torch.arange(batch, device=p.device)] = _c(q, dt)
-            acc = torch.zeros(n_scopes + 1, self.numel, dtype=dt, device=p.device)
+        acc = self.strategy == "acc"
         step = self._chunk(self.numel, materialize=True)
-        out = torch.empty(batch, dtype=dt, device=p.device) if step < batch else None
-        for lo in range(0, batch, step):
-            hi = min(batch, lo + step)
+        chunks: list[tuple[int, int, int]] = []  # (lo, hi, scope); with acc, one scope per chunk
+        if acc:
+            assert r is not None and q is not None and sid is not None
+            rr, qq = _c(r, dt), _c(q, dt)
+            acc_r = torch.zeros(self.numel, dtype=dt, device=p.device)
+            acc_s = torch.zeros(n_scopes, self.numel, dtype=dt, device=p.device)
+            ids = sid.tolist()
+            lo = 0
+            while lo < batch:  # runs of equal scope (prompt groups are usually contiguous)
+                hi = lo + 1
+                while hi < batch and hi - lo < step and ids[hi] == ids[lo]:
+                    hi += 1
+                chunks.append((lo, hi, ids[lo]))
+                lo = hi
+        else:
+            chunks = [(lo, min(batch, lo + step), 0) for lo in range(0, batch, step)]
+        out = torch.empty(batch, dtype=dt, device=p.device) if len(chunks) > 1 else None
+        for lo, hi, sc in chunks:
             g = _materialize(self.factors[0], lo, hi, p.shape, dt)
             for f in self.factors[1:]:
                 g = g + _materialize(f, lo, hi, p.shape, dt)
@@ -263,11 +271,12 @@ class ParamWork:
                 out = n
             else:
                 out[lo:hi] = n
-            if coef_mat is not None:
-                acc.addmm_(coef_mat[:, lo:hi], flat)
-        if coef_mat is not None:
-            self.acc_r = acc[0].view(p.shape)
-            self.acc_s = acc[1:].view(n_scopes, *p.shape)
+            if acc:  # two parameter-sized rows per chunk: A_R and A_S[scope]
+                acc_r.addmv_(flat.t(), rr[lo:hi])
+                acc_s[sc].addmv_(flat.t(), qq[lo:hi])
+        if acc:
+            self.acc_r = acc_r.view(p.shape)
+            self.acc_s = acc_s.view(n_scopes, *p.shape)
             self.factors = []  # no longer needed: free activations early
         assert out is not None
         return out
