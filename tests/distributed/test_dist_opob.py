@@ -218,6 +218,27 @@ def s_fault_broadcast_input_rank0():
         opob.backward(loss, batch["reward"][: len(loss)], batch["groups"][: len(loss)])
 
 
+def s_fault_nonfinite_norms_rank1():
+    """Rank 1's per-sample norms overflow (finite loss, inf gradient norm)."""
+    from vcpo_optim import OPOB
+
+    policy = C.make_mlp(0)
+    opob = OPOB(policy)
+    batch = _batch(45, SIZES, _rank())
+    if _rank() == 1:
+        batch["x"] = batch["x"].clone()
+        batch["x"][0] = 1e200
+    try:
+        opob.backward(_surrogate(policy, batch), batch["reward"], batch["groups"])
+    finally:
+        assert all(p.grad is None for p in policy.parameters()), "a gradient was written"
+
+
+def s_fault_group_split_across_calls_and_ranks():
+    """Groups 1 and 2 are in micro-batch 1 on one rank and micro-batch 2 on the other."""
+    return _ddp(scope="group", micro=2)
+
+
 SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
 
 # ----------------------------------------------------------------------------- tests
@@ -336,6 +357,19 @@ def test_fault_malformed_batch_on_one_rank_raises_everywhere(res):
     for _, msg in errs:
         assert "rank(s) [0]" in msg
     assert "dimension 0" in errs[0][1] or "B=" in errs[0][1]
+
+
+def test_fault_nonfinite_norms_on_one_rank_raises_everywhere(res):
+    errs = errors(res, "fault_nonfinite_norms_rank1")
+    assert [t for t, _ in errs] == ["ValueError", "ValueError"]
+    for _, msg in errs:
+        assert "non-finite per-sample gradient norms on rank(s) [1]" in msg
+
+
+def test_group_split_across_calls_is_detected_on_every_rank(res):
+    errs = errors(res, "fault_group_split_across_calls_and_ranks")
+    assert errs[0] == errs[1]
+    assert errs[0][0] == "ValueError" and "split group" in errs[0][1]
 
 
 if __name__ == "__main__":
