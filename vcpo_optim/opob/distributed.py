@@ -36,8 +36,12 @@ non-finite norms) makes every rank of the data-parallel group raise the same
 ``ValueError`` naming the ranks, before any gradient changes; nobody hangs.
 
 Every rank must call :meth:`backward` the same number of times per optimizer
-step (as with DDP). A rank with no samples still calls it, after a forward
-pass on an empty batch (shape ``[0, ...]``).
+step (as with DDP). A rank with no samples in a call still calls it, with an
+empty ``per_sample_loss`` (shape ``[0]``) and empty ``rewards``.
+
+``vcpo_optim.OPOB(...)`` constructs a :class:`DistributedOPOB`; without a
+process group (single process, or a group of one rank) it is exactly
+:class:`~vcpo_optim.opob.hook.OPOB` (no buffering, no collective).
 """
 
 from __future__ import annotations
@@ -125,13 +129,13 @@ def _alias_fsdp_rules(model: nn.Module) -> None:
 class DistributedOPOB(OPOB):
     r""":class:`~vcpo_optim.opob.OPOB` that reduces its gradients and norms across ranks.
 
-    Use it exactly like ``OPOB`` on the model *inside* the parallel wrapper
-    (``ddp.module``; the ``fully_shard`` model itself; the parallelized TP
-    model)::
+    ``vcpo_optim.OPOB(...)`` returns one of these. Attach it to the model
+    *inside* the parallel wrapper (``ddp.module``; the ``fully_shard`` model
+    itself; the parallelized TP model)::
 
-        model = DDP(policy)
-        opob = DistributedOPOB(policy, scope="group")
-        with model.no_sync():                      # DDP's own all-reduce is not used
+        model = DDP(policy)                        # optional: OPOB does the all-reduce
+        opob = OPOB(policy, scope="group")
+        with model.no_sync():                      # DDP's own reducer has nothing to do
             l = per_sample_loss(model(batch))      # [B_local]
             opob.backward(l, rewards, groups)      # .grad = global sum_i c_i grad l_i
         optimizer.step()
@@ -140,7 +144,8 @@ class DistributedOPOB(OPOB):
         model: the module whose trainable parameters OPOB covers.
         process_group: data-parallel group. Default ``None``: the world group
             when ``torch.distributed`` is initialised. With tensor
-            parallelism pass the data-parallel group (e.g. ``mesh["dp"].get_group()``).
+            parallelism it is required: the data-parallel group (e.g.
+            ``mesh["dp"].get_group()``, of size 1 without data parallelism).
         tensor_parallel_group: the TP group over which parameters are sharded
             (e.g. ``mesh["tp"].get_group()``). Default ``None``: taken from the
             mesh of the first TP-sharded ``DTensor`` parameter, if any.
