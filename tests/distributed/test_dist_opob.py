@@ -239,6 +239,18 @@ def s_fault_group_split_across_calls_and_ranks():
     return _ddp(scope="group", micro=2)
 
 
+def s_opob_attached_before_fully_shard():
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import OPOB
+
+    model = C.make_mlp(0)
+    opob = OPOB(model)
+    fully_shard(model)
+    batch = _batch(46, SIZES, _rank())
+    opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
+
+
 SCENARIOS = {name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")}
 
 # ----------------------------------------------------------------------------- tests
@@ -370,6 +382,11 @@ def test_group_split_across_calls_is_detected_on_every_rank(res):
     errs = errors(res, "fault_group_split_across_calls_and_ranks")
     assert errs[0] == errs[1]
     assert errs[0][0] == "ValueError" and "split group" in errs[0][1]
+
+
+def test_opob_attached_before_fully_shard_is_refused(res):
+    for kind, msg in errors(res, "opob_attached_before_fully_shard"):
+        assert kind == "ValueError" and "Attach OPOB after fully_shard" in msg
 
 
 if __name__ == "__main__":

@@ -229,8 +229,10 @@ class DistributedOPOB(OPOB):
         empty ``rewards``: it takes part in every collective and receives the
         global gradient.
         """
-        if self._dp_group() is None and self._tp_group is None and not self._fsdp:
-            return super().backward(per_sample_loss, rewards, groups)  # nothing to reduce
+        if not self._fsdp and self._tp_group is None:
+            self._check_still_plain()
+            if self._dp_group() is None:
+                return super().backward(per_sample_loss, rewards, groups)  # nothing to reduce
         self._buffer = {}
         swapped = []
         if self._tp_group is not None:
@@ -259,6 +261,19 @@ class DistributedOPOB(OPOB):
         if not self._written:
             self._written = [p for p in self._order if p.grad is not None]
         return result
+
+    def _check_still_plain(self) -> None:
+        """Refuse a model that was sharded or parallelized after OPOB was attached."""
+        late = bool(_fsdp_modules(self.model)) or any(
+            _is_dtensor(p) for p in self.model.parameters()
+        )
+        if late:
+            self._tape.clear()
+            raise ValueError(
+                "OPOB: the model was sharded (fully_shard) or parallelized (parallelize_module) "
+                "after OPOB was attached; its parameters are no longer the ones OPOB tracks. "
+                "Attach OPOB after fully_shard / parallelize_module."
+            )
 
     def _backward_empty(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
         """This rank's part of a backward call in which it has no samples.
