@@ -214,3 +214,41 @@ def test_detach_removes_hooks():
     assert opob.num_recorded == 0
     with pytest.raises(ValueError, match="detached"):
         opob.backward(lm_loss(ids, mask)(model), torch.randn(ids.shape[0]))
+
+
+class Ckpt(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 2)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.a(x))
+        h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+def test_non_reentrant_checkpoint_is_exact():
+    torch.manual_seed(0)
+    model = Ckpt(reentrant=False).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    fn = proj_loss(x)
+    r = torch.randn(5, dtype=torch.float64)
+    ref_n, _, _, ref_g = oracle(model, fn, r, [0] * 5)
+    with OPOB(model) as opob:
+        res = opob.backward(fn(model), r)
+    assert rel_err(res.sq_norms, ref_n) < 1e-10
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_g[n]) < 1e-10, n
+
+
+def test_reentrant_checkpoint_refused():
+    torch.manual_seed(0)
+    model = Ckpt(reentrant=True)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    with OPOB(model) as opob, pytest.raises(ValueError, match="use_reentrant=False"):
+        opob.backward(model(x).sum((1, 2)), torch.randn(5))

@@ -581,12 +581,33 @@ class OPOB:
         inv = scope_inv_std(r_scope, sid_all, n_scopes) if self.norm_by_std else None
         self._audit(loss)
 
+        params = list(self._params.values())
+        before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
         self._paused = True
         try:
             edges = [e for u in self._tape for e in u.edges]
             grads = torch.autograd.grad(loss.sum(), edges, allow_unused=True)
+        except RuntimeError as e:
+            if "heckpoint" in str(e):
+                raise ValueError(
+                    "OPOB: reentrant activation checkpointing cannot be combined with OPOB's single "
+                    "backward pass; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+                ) from e
+            raise
         finally:
             self._paused = False
+        touched = [
+            self._names[id(p)]
+            for p, v in zip(params, before)
+            if (None if p.grad is None else (id(p.grad), p.grad._version)) != v
+        ]
+        if touched:
+            raise ValueError(
+                f"OPOB: parameters {touched[:10]} received plain gradients during OPOB's backward pass "
+                "(reentrant activation checkpointing or a custom autograd Function that calls "
+                "backward itself): their per-sample gradients are invisible to OPOB. Use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+            )
 
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             works: dict[int, ParamWork] = {}
