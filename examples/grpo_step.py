@@ -89,7 +89,7 @@ def reward(seq: Tensor) -> Tensor:
 
 
 policy = TinyLM()
-opt = VCPOAdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
+opt = VCPOAdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
 opob = OPOB(policy, scope="group", norm_by_std=True)  # attach once; hooks stay until opob.detach()
 history = [copy.deepcopy(policy)]
 
