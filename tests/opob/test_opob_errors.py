@@ -97,9 +97,9 @@ def test_functional_use_of_tied_weight_refused():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_multihead_attention_refused_strict():
-    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2, batch_first=True))
-    with pytest.raises(ValueError, match="in_proj_weight"):
+def test_uncovered_builtin_module_refused_strict():
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Bilinear(4, 4, 2))
+    with pytest.raises(ValueError, match=r"1\.weight.*2\.weight"):
         OPOB(model)
 
 

@@ -193,3 +193,43 @@ def test_module_called_twice_and_tied():
 
     _check(model, fn, torch.randn(4, dtype=torch.float64), None, [0] * 4, 1e-9)
     copy.deepcopy(model)
+
+
+def test_torch_transformer_layer_with_multihead_attention():
+    """nn.TransformerEncoderLayer: nn.MultiheadAttention is covered as a unit by the exact vmap fallback."""
+    import warnings
+
+    class EncLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = torch.nn.Embedding(13, 8, padding_idx=0)
+            self.layer = torch.nn.TransformerEncoderLayer(
+                8, 2, 16, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.head = torch.nn.Linear(8, 13, bias=False)
+            self.head.weight = self.tok.weight
+
+        def forward(self, ids):
+            t = ids.shape[1]
+            causal = torch.nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)
+            return self.head(self.layer(self.tok(ids), src_mask=causal, is_causal=True))
+
+    torch.manual_seed(0)
+    model = EncLM().double()
+    ids = torch.randint(1, 13, (4, 6))
+    ids[0, 4:] = 0
+
+    def fn(m):
+        logp = torch.log_softmax(m(ids), -1)
+        return -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check(
+            model,
+            fn,
+            torch.randn(4, dtype=torch.float64),
+            torch.tensor([0, 0, 1, 1]),
+            [0, 0, 1, 1],
+            1e-9,
+        )

@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import distributed as _dist
 from .baseline import AGGS, scope_baselines, scope_inv_std
 from .engine import ParamWork
-from .rules import fallback_factors, get_rule
+from .rules import FALLBACK_UNITS, fallback_factors, get_rule
 from .rules.base import Factor
 
 __all__ = ["OPOB", "OPOBResult"]
@@ -57,6 +57,7 @@ class _Use:
     stop_nodes: list[Any]
     batch: int
     watched: list[tuple[Tensor, int]] = field(default_factory=list)
+    recurse: bool = False  # a fallback unit: all parameters of the subtree
 
 
 def _detach(x: Any) -> Any:
@@ -244,8 +245,19 @@ class OPOB:
         self._owned: dict[int, set[int]] = {}
         rule_mods: list[tuple[str, nn.Module]] = []
         fb_mods: list[tuple[str, nn.Module]] = []
+        unit_mods: list[tuple[str, nn.Module]] = []
+        inside_unit: set[int] = set()
         uncovered: list[str] = []
         for mname, mod in model.named_modules():
+            if id(mod) in inside_unit:
+                continue
+            if type(mod) in FALLBACK_UNITS:  # the whole subtree by the exact vmap fallback
+                inside_unit.update(id(m) for m in mod.modules())
+                sub = [p for p in mod.parameters() if p.requires_grad]
+                if sub:
+                    self._owned[id(mod)] = {id(p) for p in sub}
+                    unit_mods.append((mname, mod))
+                continue
             own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
@@ -273,6 +285,12 @@ class OPOB:
             self._handles.append(
                 mod.register_forward_hook(self._make_hook(mname, False), with_kwargs=True)
             )
+        for mname, mod in unit_mods:
+            self._handles.append(
+                mod.register_forward_hook(
+                    self._make_hook(mname, False, recurse=True), with_kwargs=True
+                )
+            )
         for mname, mod in model.named_modules():
             if isinstance(mod, _BATCHNORM_TYPES):
                 self._handles.append(mod.register_forward_pre_hook(self._make_bn_check(mname)))
@@ -296,7 +314,7 @@ class OPOB:
 
         return check
 
-    def _make_hook(self, name: str, is_rule: bool) -> Any:
+    def _make_hook(self, name: str, is_rule: bool, recurse: bool = False) -> Any:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
@@ -345,6 +363,7 @@ class OPOB:
                     stops,
                     batch,
                     watched,
+                    recurse,
                 )
             )
 
@@ -628,11 +647,13 @@ class OPOB:
                 else:
                     self._paused = True
                     try:
-                        facs = fallback_factors(u.module, u.args, u.kwargs, gs, u.out_index, b)
+                        facs = fallback_factors(
+                            u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
+                        )
                     finally:
                         self._paused = False
                 for pname, fac in facs.items():
-                    p = getattr(u.module, pname)
+                    p = u.module.get_parameter(pname)
                     w = works.get(id(p))
                     if w is None:
                         w = works[id(p)] = ParamWork(p, self._names.get(id(p), pname))

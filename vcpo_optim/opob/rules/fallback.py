@@ -20,6 +20,16 @@ from torch.func import functional_call, grad, vmap
 
 from .base import Dense, Factor
 
+#: Module types handled as one unit by the exact fallback, counted as covered even with
+#: ``strict=True``: every trainable parameter of their subtree (``nn.MultiheadAttention``
+#: reads ``out_proj.weight`` functionally, so its child cannot be hooked on its own).
+FALLBACK_UNITS: set[type[nn.Module]] = {nn.MultiheadAttention}
+
+
+def register_fallback_unit(*module_types: type[nn.Module]) -> None:
+    """Handle ``module_types`` (and their whole subtree) with the exact vmap fallback."""
+    FALLBACK_UNITS.update(module_types)
+
 
 def fallback_factors(
     module: nn.Module,
@@ -28,17 +38,22 @@ def fallback_factors(
     grad_outputs: list[Tensor | None],
     output_index: list[int],
     batch: int,
+    recurse: bool = False,
 ) -> dict[str, Factor]:
-    """Materialised per-sample gradients of ``module``'s direct trainable parameters.
+    """Materialised per-sample gradients of ``module``'s trainable parameters.
+
+    Direct parameters only, or (``recurse=True``, fallback units) all of its subtree,
+    keyed by dotted name.
 
     ``grad_outputs[j]`` is the gradient of the ``output_index[j]``-th tensor of
     the module output (a tensor or a tuple/list of tensors); ``None`` entries
     did not reach the loss.
     """
-    names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if not names:
+    named = [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+    if not named:
         return {}
-    params = {n: getattr(module, n).detach() for n in names}
+    names = [n for n, _ in named]
+    params = {n: p.detach() for n, p in named}
     pairs = [(i, g) for i, g in zip(output_index, grad_outputs) if g is not None]
     if not pairs:
         return {
