@@ -152,7 +152,9 @@ class OPOB:
         model: any ``nn.Module``. Modules that own trainable parameters are
             hooked (registered rules: ``nn.Linear``, ``nn.Embedding``,
             ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.Conv1d``,
-            ``nn.Conv2d``; add more with :func:`vcpo_optim.opob.register_rule`).
+            ``nn.Conv2d``; add more with :func:`vcpo_optim.opob.register_rule`;
+            ``nn.MultiheadAttention`` (``batch_first=True``) is covered as a
+            unit by the exact vmap fallback, which is slower).
             Dimension 0 of every hooked module's input must be the sample.
         scope: ``"group"`` (default): one baseline per prompt group given by
             ``groups``; a group must be complete within one :meth:`backward`
