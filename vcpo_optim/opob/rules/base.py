@@ -102,12 +102,3 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
 def get_rule(module: nn.Module) -> Rule | None:
     """The rule registered for ``type(module)`` (exact type), or ``None``."""
     return RULES.get(type(module))
-
-
-def flat_tokens(t: Tensor, batch: int, feat_dims: int = 1) -> Tensor:
-    """Reshape ``[B, ..., *feat]`` to ``[B, T, prod(feat)]`` (T = 1 when there are no middle dims)."""
-    feat = t.shape[t.dim() - feat_dims :] if feat_dims else ()
-    f = 1
-    for s in feat:
-        f *= s
-    return t.reshape(batch, -1, f)
