@@ -26,9 +26,12 @@ def _rank() -> int:
     return int(os.environ["RANK"])
 
 
-def _batch(seed, sizes, rank):
+def _batch(seed, sizes, rank, cont=False):
     b = C.global_batch(seed, sizes)
     b["groups"] = GROUPS if sum(sizes) == len(GROUPS) else torch.arange(sum(sizes)) // 2
+    if cont:  # continuous rewards on an offset (cancellation); group 0 keeps equal rewards
+        b["reward"] = cont + 0.5 * b["y"]
+        b["reward"][b["groups"] == 0] = cont + 0.25
     return b if rank is None else C.local_slice(b, sizes, rank)
 
 
@@ -38,13 +41,13 @@ def _surrogate(model, batch):
     return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
 
 
-def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None):
+def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None, cont=False):
     """Run ``steps`` OPOB steps; return per-step results, grads and parameters."""
     import contextlib
 
     out = []
     for seed in steps:
-        batch = _batch(seed, sizes, rank)
+        batch = _batch(seed, sizes, rank, cont)
         n = len(batch["x"])
         cuts = [round(k * n / micro) for k in range(micro + 1)]
         opt.zero_grad()
@@ -79,7 +82,7 @@ def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None):
 STEPS = [41, 42]
 
 
-def _ddp(sizes=SIZES, micro=1, **kw):
+def _ddp(sizes=SIZES, micro=1, cont=False, **kw):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from vcpo_optim import VCPOAdamW
@@ -89,7 +92,9 @@ def _ddp(sizes=SIZES, micro=1, **kw):
     model = DDP(policy)
     opob = DistributedOPOB(policy, **kw)
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
-    return run_opob(model, opob, opt, STEPS, sizes, _rank(), micro=micro, ctx=model.no_sync)
+    return run_opob(
+        model, opob, opt, STEPS, sizes, _rank(), micro=micro, ctx=model.no_sync, cont=cont
+    )
 
 
 def s_ddp_group_scope_split_groups():
@@ -102,6 +107,107 @@ def s_ddp_batch_scope_accumulation():
 
 def s_ddp_median_norm_by_std():
     return _ddp(scope="group", agg="median", norm_by_std=True)
+
+
+def s_ddp_mean_norm_by_std_group():
+    return _ddp(scope="group", norm_by_std=True, cont=1e6)
+
+
+def s_ddp_mean_norm_by_std_group_binary():
+    return _ddp(scope="group", norm_by_std=True)
+
+
+def s_ddp_mean_norm_by_std_batch():
+    # batch scope writes k (sum R g - b sum g): a large offset cancels there, whatever the baseline
+    return _ddp(scope="batch", norm_by_std=True, cont=10.0)
+
+
+def s_ddp_mean_norm_by_std_batch_accumulation():
+    # a moderate offset: accumulating R_i-weighted sums across calls cancels by itself
+    return _ddp(scope="batch", norm_by_std=True, micro=2, cont=10.0)
+
+
+def s_ddp_mean_norm_by_std_empty_rank():
+    return _ddp(sizes=(8, 0), scope="group", norm_by_std=True, cont=1e6)
+
+
+def s_ddp_winsorized_group():
+    return _ddp(scope="group", agg="winsorized_mean", cont=1e6)
+
+
+_COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "reduce",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+
+
+def _count_collectives(fn):
+    """Run ``fn`` with every torch.distributed collective wrapped; return [(name, largest tensor numel)]."""
+    import torch.distributed as dist
+
+    log = []
+    saved = {n: getattr(dist, n) for n in _COLLECTIVES}
+
+    def wrap(name, f):
+        def w(*args, **kwargs):
+            sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+            log.append((name, max(sizes, default=0)))
+            return f(*args, **kwargs)
+
+        return w
+
+    try:
+        for n, f in saved.items():
+            setattr(dist, n, wrap(n, f))
+        fn()
+    finally:
+        for n, f in saved.items():
+            setattr(dist, n, f)
+    return log
+
+
+def s_collectives_per_backward_call():
+    """Collectives issued by one backward call, per configuration and local batch size.
+
+    Two prompt groups (0 and 1) straddle both ranks whatever the batch size, so the
+    statistics exchanged must not grow with B.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    out = {}
+    configs = {
+        "batch": {"scope": "batch"},
+        "batch_std": {"scope": "batch", "norm_by_std": True},
+        "group": {"scope": "group"},
+        "group_std": {"scope": "group", "norm_by_std": True},
+        "group_median": {"scope": "group", "agg": "median"},
+        "batch_median": {"scope": "batch", "agg": "median"},
+    }
+    for name, kw in configs.items():
+        for nb in (4, 40):
+            policy = C.make_mlp(0)
+            model = DDP(policy)
+            opob = DistributedOPOB(policy, **kw)
+            batch = C.global_batch(7, (nb, nb))
+            batch = C.local_slice(batch, (nb, nb), _rank())
+            groups = torch.arange(nb) % 2
+            with model.no_sync():
+                loss = _surrogate(model, batch)
+                out[name, nb] = _count_collectives(
+                    lambda: opob.backward(loss, batch["reward"], groups)  # noqa: B023
+                )
+    return out
 
 
 def s_ddp_uneven_sizes():
@@ -261,7 +367,7 @@ def res():
     return launch(__file__, WORLD)
 
 
-def reference(sizes=SIZES, **kw):
+def reference(sizes=SIZES, cont=False, **kw):
     from vcpo_optim import VCPOAdamW
     from vcpo_optim.opob import OPOB
 
@@ -269,7 +375,7 @@ def reference(sizes=SIZES, **kw):
     opob = OPOB(model, **kw)
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
     # with accumulation (batch scope) the single-process equivalent is one call on the batch
-    return run_opob(model, opob, opt, STEPS, sizes, None)
+    return run_opob(model, opob, opt, STEPS, sizes, None, cont=cont)
 
 
 def _compare(got_ranks, ref, sizes, *, rtol=1e-9, per_sample=True):
@@ -316,6 +422,60 @@ def test_ddp_weighted_median_and_std_normalisation(res):
         reference(scope="group", agg="median", norm_by_std=True),
         SIZES,
     )
+
+
+def test_ddp_mean_norm_by_std_from_sufficient_statistics(res):
+    """agg="mean" + norm_by_std from reduced moments: large offset, equal-reward groups (c = 0)."""
+    got = values(res, "ddp_mean_norm_by_std_group")
+    ref = reference(scope="group", norm_by_std=True, cont=1e6)
+    _compare(got, ref, SIZES)
+    for rank, steps in enumerate(got):  # group 0 (equal rewards): exactly zero coefficients
+        lo = sum(SIZES[:rank])
+        for g in steps:
+            zero = GROUPS[lo : lo + SIZES[rank]] == 0
+            assert torch.all(g["coefficients"][zero] == 0)
+    _compare(
+        values(res, "ddp_mean_norm_by_std_group_binary"),
+        reference(scope="group", norm_by_std=True),
+        SIZES,
+    )
+    _compare(
+        values(res, "ddp_mean_norm_by_std_batch"),
+        reference(scope="batch", norm_by_std=True, cont=10.0),
+        SIZES,
+    )
+    _compare(
+        values(res, "ddp_mean_norm_by_std_batch_accumulation"),
+        reference(scope="batch", norm_by_std=True, cont=10.0),
+        SIZES,
+        per_sample=False,
+    )
+    _compare(
+        values(res, "ddp_mean_norm_by_std_empty_rank"),
+        reference(sizes=(8, 0), scope="group", norm_by_std=True, cont=1e6),
+        (8, 0),
+    )
+
+
+def test_ddp_winsorized_mean_per_sample_path(res):
+    _compare(
+        values(res, "ddp_winsorized_group"),
+        reference(scope="group", agg="winsorized_mean", cont=1e6),
+        SIZES,
+    )
+
+
+def test_mean_baseline_reduces_statistics_not_samples(res):
+    """agg="mean": <= 3 collectives per call (4 with norm_by_std in group scope), none sized by B."""
+    for rank_log in values(res, "collectives_per_backward_call"):
+        limits = {"batch": 3, "batch_std": 3, "group": 3, "group_std": 4}
+        for name, limit in limits.items():
+            small, big = rank_log[name, 4], rank_log[name, 40]
+            assert len(small) <= limit, (name, small)
+            assert small == big, f"{name}: collective sizes depend on the batch size: {small} {big}"
+            assert sum(1 for op, _ in small if op == "all_reduce") == 1  # the gradient
+        # the per-sample path (median) does grow with B: the check above can tell
+        assert rank_log["group_median", 4] != rank_log["group_median", 40]
 
 
 def test_ddp_uneven_local_batch_sizes(res):

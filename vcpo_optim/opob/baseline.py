@@ -16,6 +16,12 @@ median or winsorized mean). The GRPO-style scale is ``k_s = 1 / std_s(R)``
 with the population standard deviation; a scope whose rewards are all equal
 gets ``k_s = 0`` (its coefficients are zero). Everything is computed in the
 dtype of ``sq_norms`` (float32 or float64), vectorised over scopes.
+
+For ``agg="mean"`` the baseline and the scale of a scope are functions of a
+few per-scope sums, which is what the data-parallel path reduces instead of
+per-sample values (:func:`scope_stats`, :func:`merge_stats`,
+:func:`stats_baselines`, :func:`stats_inv_std`; float64). The median and the
+winsorized mean need the per-sample values themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["AGGS", "scope_baselines", "scope_inv_std", "weighted_quantile"]
+__all__ = [
+    "AGGS",
+    "N_STATS",
+    "merge_stats",
+    "scope_baselines",
+    "scope_inv_std",
+    "scope_stats",
+    "stats_baselines",
+    "stats_inv_std",
+    "weighted_quantile",
+]
 
 AGGS = ("mean", "median", "winsorized_mean")
 
@@ -96,6 +112,68 @@ def scope_inv_std(rewards: Tensor, sid: Tensor, n_scopes: int) -> Tensor:
     rmax = torch.full_like(mean, -torch.inf).scatter_reduce_(0, sid, rewards, "amax")
     rmin = torch.full_like(mean, torch.inf).scatter_reduce_(0, sid, rewards, "amin")
     const = (rmax == rmin) | (var <= 0)
+    return torch.where(
+        const, torch.zeros_like(var), torch.rsqrt(torch.where(const, torch.ones_like(var), var))
+    )
+
+
+#: Columns of a sufficient-statistics row: count, mean R, sum (R - mean)^2,
+#: min R, max R, sum n, sum n R.
+N_STATS = 7
+
+
+def scope_stats(sq_norms: Tensor | None, rewards: Tensor, sid: Tensor, n_scopes: int) -> Tensor:
+    """Per-scope sufficient statistics ``[n_scopes, N_STATS]`` in float64.
+
+    Columns: count, mean ``R``, ``sum (R - mean)^2`` (two-pass, no
+    cancellation), min ``R``, max ``R``, ``sum n``, ``sum n R``
+    (the last two are 0 when ``sq_norms`` is ``None``). An empty scope has
+    count 0, mean 0, min ``+inf`` and max ``-inf``.
+    """
+    r = rewards.to(torch.float64)
+    cnt = _scope_sum(torch.ones_like(r), sid, n_scopes)
+    mean = _scope_sum(r, sid, n_scopes) / cnt.clamp(min=1)
+    m2 = _scope_sum((r - mean[sid]) ** 2, sid, n_scopes)
+    rmin = torch.full_like(mean, torch.inf).scatter_reduce_(0, sid, r, "amin")
+    rmax = torch.full_like(mean, -torch.inf).scatter_reduce_(0, sid, r, "amax")
+    if sq_norms is None:
+        sn = snr = torch.zeros_like(mean)
+    else:
+        n = sq_norms.to(torch.float64)
+        sn = _scope_sum(n, sid, n_scopes)
+        snr = _scope_sum(n * r, sid, n_scopes)
+    return torch.stack([cnt, mean, m2, rmin, rmax, sn, snr], dim=1)
+
+
+def merge_stats(rows: Tensor, idx: Tensor, n_scopes: int) -> Tensor:
+    """Combine rows of :func:`scope_stats` (row ``j`` belongs to scope ``idx[j]``): ``[n_scopes, N_STATS]``.
+
+    Means and squared deviations are combined exactly (Chan et al.):
+    ``M2 = sum_j (M2_j + count_j (mean_j - mean)^2)``. Deterministic on CPU.
+    """
+    rows = rows.to(torch.float64)
+    c = rows[:, 0]
+    cnt = _scope_sum(c, idx, n_scopes)
+    mean = _scope_sum(c * rows[:, 1], idx, n_scopes) / cnt.clamp(min=1)
+    m2 = _scope_sum(rows[:, 2] + c * (rows[:, 1] - mean[idx]) ** 2, idx, n_scopes)
+    rmin = torch.full_like(mean, torch.inf).scatter_reduce_(0, idx, rows[:, 3], "amin")
+    rmax = torch.full_like(mean, -torch.inf).scatter_reduce_(0, idx, rows[:, 4], "amax")
+    sn = _scope_sum(rows[:, 5], idx, n_scopes)
+    snr = _scope_sum(rows[:, 6], idx, n_scopes)
+    return torch.stack([cnt, mean, m2, rmin, rmax, sn, snr], dim=1)
+
+
+def stats_baselines(stats: Tensor) -> Tensor:
+    """``agg="mean"`` baseline per scope from :func:`scope_stats` rows (plain mean where ``sum n = 0``)."""
+    sn, snr, mean = stats[:, 5], stats[:, 6], stats[:, 1]
+    pos = sn > 0
+    return torch.where(pos, snr / torch.where(pos, sn, torch.ones_like(sn)), mean)
+
+
+def stats_inv_std(stats: Tensor) -> Tensor:
+    """``1 / std_s(R)`` (population) from :func:`scope_stats` rows; 0 where all rewards are equal."""
+    var = stats[:, 2] / stats[:, 0].clamp(min=1)
+    const = (stats[:, 4] == stats[:, 3]) | (var <= 0)
     return torch.where(
         const, torch.zeros_like(var), torch.rsqrt(torch.where(const, torch.ones_like(var), var))
     )

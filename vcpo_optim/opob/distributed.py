@@ -7,7 +7,11 @@ gradients, and neither does FSDP2's reduce-scatter. :class:`DistributedOPOB`
 supplies the missing reductions:
 
 * **Data parallel** (``process_group``, default the world): the baselines are
-  already global (OPOB gathers its few per-sample statistics over the group).
+  global. With ``agg="mean"`` the ranks exchange per-scope sufficient
+  statistics only (a fixed-size row per rank for ``scope="batch"``, one row
+  per local prompt group for ``"group"``; the error flags ride in the same
+  collectives); ``"median"`` / ``"winsorized_mean"`` gather the per-sample
+  rewards, norms and group ids.
   The gradient each rank computed from its own samples is summed over the
   group in one bucketed collective per :meth:`backward` call, so ``.grad`` on
   every rank is ``sum_i c_i grad l_i`` over the *global* batch: exactly what a
@@ -55,7 +59,7 @@ from torch import Tensor, nn
 from .. import distributed as _dist
 from .baseline import scope_baselines, scope_inv_std
 from .engine import acc_dtype
-from .hook import OPOB, OPOBResult, _gather_varlen
+from .hook import OPOB, OPOBResult, _agreed_error, _gather_varlen
 from .rules import RULES, get_rule, register_rule
 
 __all__ = ["DistributedOPOB"]
@@ -203,21 +207,32 @@ class DistributedOPOB(OPOB):
     def _dp_group(self) -> Any | None:
         return _dist.resolve_group(self._group_arg, default_world=True)
 
-    def _agree(self, error: BaseException | None, group: Any | None, what: str) -> None:
-        """Every rank learns whether any rank failed; all raise the same error, or none does."""
+    def _agree(
+        self,
+        error: BaseException | None,
+        group: Any | None,
+        what: str,
+        payload: list[float] | None = None,
+    ) -> list[list[float]]:
+        """Every rank learns whether any rank failed; all raise the same error, or none does.
+
+        ``payload`` (same length on every rank) rides along in the same all-gather;
+        returns every rank's payload.
+        """
         if group is None:
             if error is not None:
                 raise error
-            return
-        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)
-        rows = _dist.all_gather_rows(flag, group)
-        bad = [r for r, f in enumerate(rows[:, 0].tolist()) if f]
-        if not bad:
-            return
-        msg = f"OPOB: {what} on rank(s) {bad} of the data-parallel group"
-        if error is not None:
-            raise ValueError(f"{msg}. On rank {_dist.get_rank(group)}: {error}") from error
-        raise ValueError(f"{msg} (see the error raised there); nothing was changed")
+            return [payload or []]
+        row = torch.tensor([0.0 if error is None else 1.0, *(payload or [])], dtype=torch.float64)
+        rows = _dist.all_gather_rows(row, group).tolist()
+        err = _agreed_error([x[0] for x in rows], error, _dist.get_rank(group), what)
+        if err is not None:
+            raise err from error
+        return [x[1:] for x in rows]
+
+    def _sizes_ride_along(self, group: Any | None) -> bool:
+        """Group scope on the statistics path: the number of local groups rides on validation."""
+        return self._uses_stats(group) and self.scope == "group"
 
     # ------------------------------------------------------------------ backward
 
@@ -290,7 +305,10 @@ class DistributedOPOB(OPOB):
                 g = _as_empty(groups, loss.device, "groups").to(torch.int64)
         except ValueError as exc:
             error = exc
-        self._agree(error, group, "invalid input")
+        payload = [0.0] if self._sizes_ride_along(group) else None
+        rows = self._agree(error, group, "invalid input", payload)
+        if payload is not None:
+            self._pending_sizes = [int(x[0]) for x in rows]
         if any(p.grad is None for p in self._written):
             self._reset_step()
         dev = loss.device
@@ -300,6 +318,8 @@ class DistributedOPOB(OPOB):
             else torch.float32
         )
         r = r.to(dt)
+        if self._uses_stats(group):
+            return self._backward_empty_stats(r, g, group)
         r_scope, sid_all, n_scopes, r_call, _, new_ids = self._scopes(0, r, g, group)
         if r_call.numel() == 0:
             raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
@@ -328,6 +348,26 @@ class DistributedOPOB(OPOB):
         empty = torch.zeros(0, dtype=dt, device=dev)
         return OPOBResult(sq_norms=empty, baselines=empty.clone(), coefficients=empty.clone())
 
+    def _backward_empty_stats(self, r: Tensor, g: Tensor | None, group: Any) -> OPOBResult:
+        """:meth:`_backward_empty` on the sufficient-statistics path (``agg="mean"``)."""
+        plan = self._stats_scopes(0, r, g, group)
+        sq = self._reduce_sq_norms([], torch.zeros(0, dtype=r.dtype, device=r.device))
+        bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, g, group)
+        with torch.no_grad():
+            if self.scope == "batch":
+                bb, kk = bs[0], ks[0]
+                pb, pk = self._prev_b, self._prev_k
+                for pid, (s1, s0) in self._sums.items():  # earlier calls: their baseline moved
+                    self._write_grad(self._params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
+                self._prev_b, self._prev_k = bb, kk
+                self._hist_stats = step_stats
+            elif new_ids is not None:
+                seen = self._seen_groups
+                self._seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
+        self._written = [self._params[i] for i in self._sums]
+        empty = r.new_zeros(0)
+        return OPOBResult(sq_norms=empty, baselines=empty.clone(), coefficients=empty.clone())
+
     def _validate(self, loss: Any, rewards: Any, groups: Any) -> tuple[int, Tensor, Tensor | None]:
         group = self._dp_group()
         error: ValueError | None = None
@@ -338,7 +378,13 @@ class DistributedOPOB(OPOB):
             if group is None:
                 raise
             error = exc
-        self._agree(error, group, "invalid input")
+        payload = None
+        if self._sizes_ride_along(group):
+            n = 0 if out is None else self._local_scope_count(out[0], out[2])
+            payload = [float(n)]
+        rows = self._agree(error, group, "invalid input", payload)
+        if payload is not None:
+            self._pending_sizes = [int(x[0]) for x in rows]
         return out
 
     def _reduce_sq_norms(self, parts: list[tuple[Tensor, Tensor]], sq: Tensor) -> Tensor:
@@ -359,8 +405,8 @@ class DistributedOPOB(OPOB):
             dist.all_reduce(total, group=self._tp_group)
             sq = total.to(sq.device) + replicated
         group = self._dp_group()
-        if group is None:
-            return sq  # OPOB's own check raises on non-finite norms
+        if group is None or self._uses_stats(group):
+            return sq  # OPOB's own check (statistics path: its flag column) covers non-finite norms
         finite = bool(torch.isfinite(sq).all())
         self._agree(
             None if finite else ValueError("per-sample gradient norms are not finite"),

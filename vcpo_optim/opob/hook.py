@@ -15,7 +15,16 @@ from torch.autograd.graph import get_gradient_edge
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import distributed as _dist
-from .baseline import AGGS, scope_baselines, scope_inv_std
+from .baseline import (
+    AGGS,
+    N_STATS,
+    merge_stats,
+    scope_baselines,
+    scope_inv_std,
+    scope_stats,
+    stats_baselines,
+    stats_inv_std,
+)
 from .engine import ParamWork
 from .rules import FALLBACK_UNITS, fallback_factors, get_rule
 from .rules.base import Factor
@@ -123,6 +132,43 @@ def _gather_varlen(x: Tensor, group: Any | None) -> tuple[Tensor, int]:
     return out, sum(sizes[:rank])
 
 
+def _agreed_error(
+    flags: list[float], error: BaseException | None, rank: int, what: str
+) -> ValueError | None:
+    """The error every rank raises when some rank flagged ``what`` (``None`` if nobody did)."""
+    bad = [r for r, f in enumerate(flags) if f]
+    if not bad:
+        return None
+    msg = f"OPOB: {what} on rank(s) {bad} of the data-parallel group"
+    if error is not None:
+        return ValueError(f"{msg}. On rank {rank}: {error}")
+    return ValueError(f"{msg} (see the error raised there); nothing was changed")
+
+
+def _encode_ids(ids: Tensor) -> Tensor:
+    """int64 ids as two exactly representable float64 columns (high and low 32 bits)."""
+    return torch.stack([(ids >> 32).to(torch.float64), (ids & 0xFFFFFFFF).to(torch.float64)], 1)
+
+
+def _decode_ids(cols: Tensor) -> Tensor:
+    return (cols[:, 0].to(torch.int64) << 32) | cols[:, 1].to(torch.int64)
+
+
+#: Columns of a per-group row exchanged with ``scope="group"``: the id (2 columns), then the stats.
+_ROW = 2 + N_STATS
+
+
+@dataclass
+class _StatPlan:
+    """Local scopes of a call on the sufficient-statistics path (``agg="mean"`` over a process group)."""
+
+    sid: Tensor  # local scope index of each local sample
+    n_local: int
+    loc_ids: Tensor | None  # group ids of the local scopes (None: batch scope)
+    sizes: list[int]  # number of local scopes of every rank
+    inv: Tensor | None  # 1/std of the local scopes (group scope with norm_by_std)
+
+
 class OPOB:
     r"""Off-policy optimal baseline with per-sample gradient norms from one batched backward.
 
@@ -170,9 +216,14 @@ class OPOB:
             exact ``torch.func.vmap`` fallback (materialises per-sample
             gradients; for small modules).
         process_group: default ``None``: the world group if
-            ``torch.distributed`` is initialised, else no communication. The
-            per-scope statistics (rewards, norms, group ids: a few numbers per
-            sample) are gathered over it so every rank uses the global baseline.
+            ``torch.distributed`` is initialised, else no communication. Every
+            rank uses the global baseline: with ``agg="mean"`` the ranks
+            exchange per-scope sufficient statistics (count, moments, min and
+            max of ``R``, ``sum n``, ``sum n R``: a fixed-size row for
+            ``scope="batch"``, one row per prompt group for ``"group"``),
+            never per-sample values. ``"median"`` and ``"winsorized_mean"``
+            need the per-sample values, so there the rewards, norms and group
+            ids (three numbers per sample) are gathered over the group.
         winsor_q: default ``0.1``; the quantile for ``agg="winsorized_mean"``.
 
     Recording happens only for modules in training mode with grad enabled.
@@ -229,6 +280,7 @@ class OPOB:
         self.strict = bool(strict)
         self.winsor_q = float(winsor_q)
         self._group_arg = process_group
+        self._pending_sizes: list[int] | None = None
 
         bn = [n for n, m in model.named_modules() if isinstance(m, _BATCHNORM_TYPES) and m.training]
         if bn:
@@ -407,6 +459,7 @@ class OPOB:
         self._seen_groups: Tensor | None = None
         self._hist_n: Tensor | None = None
         self._hist_r: Tensor | None = None
+        self._hist_stats: Tensor | None = None
         self._prev_b: float | Tensor = 0.0
         self._prev_k: float | Tensor = 0.0
         self._sums: dict[int, tuple[Tensor, Tensor]] = {}
@@ -585,6 +638,120 @@ class OPOB:
         uniq, sid = torch.unique(ids_all, return_inverse=True)
         return r_all, sid, uniq.numel(), r_all, offset, new_ids
 
+    # ------------------------------------------------ sufficient statistics (agg="mean", DP)
+
+    def _uses_stats(self, group: Any | None) -> bool:
+        """Whether this call reduces per-scope sums instead of gathering per-sample values."""
+        return group is not None and self.agg == "mean"
+
+    def _local_scope_count(self, b: int, groups: Tensor | None) -> int:
+        if groups is None:
+            return 1 if b else 0
+        return int(torch.unique(groups).numel())
+
+    def _take_sizes(self, n_local: int, group: Any) -> list[int]:
+        """Number of local scopes on every rank (folded into the validation collective if it ran)."""
+        sizes, self._pending_sizes = self._pending_sizes, None
+        if sizes is None:
+            row = torch.tensor([float(n_local)], dtype=torch.float64)
+            sizes = [int(v) for v in _dist.all_gather_rows(row, group)[:, 0].tolist()]
+        return sizes
+
+    def _exchange_rows(
+        self, ids: Tensor, stats: Tensor, sizes: list[int], group: Any, flag: bool, what: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One padded all-gather of per-group rows plus an error flag; merge by id.
+
+        Returns the sorted global ids, their merged stats (CPU float64, identical on
+        every rank) and the global index of each local scope. A flag on any rank makes
+        every rank raise the same ``ValueError`` (``what``).
+        """
+        m = max(sizes)
+        buf = torch.zeros(1 + m * _ROW, dtype=torch.float64)
+        buf[0] = float(flag)
+        if ids.numel():
+            local = torch.cat([_encode_ids(ids.cpu()), stats.cpu()], 1)
+            buf[1 : 1 + local.numel()] = local.reshape(-1)
+        got = _dist.all_gather_rows(buf.to(stats.device), group).cpu()
+        err = _agreed_error(got[:, 0].tolist(), None, _dist.get_rank(group), what)
+        if err is not None:
+            raise err
+        rows = torch.cat([got[r, 1:].view(m, _ROW)[:n] for r, n in enumerate(sizes)])
+        uniq, idx = torch.unique(_decode_ids(rows[:, :2]), return_inverse=True)
+        merged = merge_stats(rows[:, 2:], idx, uniq.numel())
+        loc2glob = torch.searchsorted(uniq, ids.cpu())
+        return uniq, merged, loc2glob
+
+    def _stats_scopes(self, b: int, r: Tensor, groups: Tensor | None, group: Any) -> _StatPlan:
+        """Before the norms: local scopes; with ``norm_by_std`` and ``scope="group"`` the global 1/std."""
+        dev = r.device
+        if self.scope == "batch":
+            return _StatPlan(torch.zeros(b, dtype=torch.long, device=dev), 1, None, [], None)
+        if groups is None:
+            loc_ids = torch.zeros(1 if b else 0, dtype=torch.int64, device=dev)
+            sid = torch.zeros(b, dtype=torch.long, device=dev)
+        else:
+            loc_ids, sid = torch.unique(groups, return_inverse=True)
+        sizes = self._take_sizes(loc_ids.numel(), group)
+        if sum(sizes) == 0:
+            raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
+        n_local = int(loc_ids.numel())
+        inv = None
+        if self.norm_by_std:
+            st = scope_stats(None, r, sid, n_local)
+            _, merged, loc2glob = self._exchange_rows(loc_ids, st, sizes, group, False, "error")
+            inv = stats_inv_std(merged)[loc2glob].to(device=dev, dtype=r.dtype)
+        return _StatPlan(sid, n_local, loc_ids, sizes, inv)
+
+    def _stats_finish(
+        self, sq: Tensor, r: Tensor, plan: _StatPlan, groups: Tensor | None, group: Any
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """After the norms: one collective of per-scope sums (with the non-finite-norm flag).
+
+        Returns the baselines and scales of the local scopes (``[n_local]``; ``[1]`` for
+        the batch scope), the global ids of the call (split-group check) and, for the
+        batch scope, the step's merged stats. Raises the same error on every rank.
+        """
+        dev, dt = r.device, r.dtype
+        bad = not bool(torch.isfinite(sq).all())
+        what = "non-finite per-sample gradient norms"
+        st = scope_stats(sq, r, plan.sid, plan.n_local)
+        if self.scope == "batch":
+            buf = torch.cat([torch.tensor([float(bad)], dtype=torch.float64), st[0].cpu()])
+            got = _dist.all_gather_rows(buf.to(dev), group).cpu()
+            err = _agreed_error(got[:, 0].tolist(), None, _dist.get_rank(group), what)
+            if err is not None:
+                raise err
+            call = merge_stats(got[:, 1:], torch.zeros(got.shape[0], dtype=torch.long), 1)
+            if call[0, 0] == 0:
+                raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
+            hist = self._hist_stats
+            step = (
+                call
+                if hist is None
+                else merge_stats(torch.cat([hist, call]), torch.zeros(2, dtype=torch.long), 1)
+            )
+            bs = stats_baselines(step)
+            ks = stats_inv_std(step) if self.norm_by_std else torch.ones_like(bs)
+            return bs.to(device=dev, dtype=dt), ks.to(device=dev, dtype=dt), None, step
+        assert plan.loc_ids is not None
+        uniq, merged, loc2glob = self._exchange_rows(plan.loc_ids, st, plan.sizes, group, bad, what)
+        new_ids = None
+        if groups is not None:
+            new_ids = uniq.to(dev)
+            if self._seen_groups is not None:
+                dup = new_ids[torch.isin(new_ids, self._seen_groups)]
+                if dup.numel():
+                    raise ValueError(
+                        f"OPOB: scope='group' needs each group complete within one backward call, but "
+                        f"group ids {dup.tolist()[:10]} already appeared in an earlier call of this "
+                        "optimizer step (split group). Put whole groups in each micro-batch, use "
+                        "scope='batch', or call opob.finalize() if a new step started."
+                    )
+        bs = stats_baselines(merged)[loc2glob].to(device=dev, dtype=dt)
+        ks = plan.inv if plan.inv is not None else torch.ones_like(bs)
+        return bs, ks, new_ids, None
+
     def _backward(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
         b, r, g_ids = self._validate(loss, rewards, groups)
         if any(p.grad is None for p in self._written):
@@ -597,9 +764,14 @@ class OPOB:
             else torch.float32
         )
         r = r.to(dt)
-        r_scope, sid_all, n_scopes, _, off, new_ids = self._scopes(b, r, g_ids, group)
-        sid = sid_all[off : off + b]
-        inv = scope_inv_std(r_scope, sid_all, n_scopes) if self.norm_by_std else None
+        plan = None
+        if self._uses_stats(group):  # per-scope sums over the group, no per-sample gather
+            plan = self._stats_scopes(b, r, g_ids, group)
+            sid, n_scopes, inv, new_ids = plan.sid, plan.n_local, plan.inv, None
+        else:
+            r_scope, sid_all, n_scopes, _, off, new_ids = self._scopes(b, r, g_ids, group)
+            sid = sid_all[off : off + b]
+            inv = scope_inv_std(r_scope, sid_all, n_scopes) if self.norm_by_std else None
         self._audit(loss)
 
         params = list(self._params.values())
@@ -680,18 +852,21 @@ class OPOB:
                 sq += parts[-1][1]
             # Tensor parallelism completes n_i here (vcpo_optim.opob.distributed).
             sq = self._reduce_sq_norms(parts, sq)
-            if not bool(torch.isfinite(sq).all()):
-                raise ValueError(
-                    "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
-                )
-
-            n_all, _ = _gather_varlen(sq, group)
-            if batch_scope:
-                n_scope = n_all if self._hist_n is None else torch.cat([self._hist_n, n_all])
+            step_stats = None
+            if plan is not None:
+                bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, g_ids, group)
             else:
-                n_scope = n_all
-            bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, self.agg, self.winsor_q)
-            ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
+                if not bool(torch.isfinite(sq).all()):
+                    raise ValueError(
+                        "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
+                    )
+                n_all, _ = _gather_varlen(sq, group)
+                if batch_scope:
+                    n_scope = n_all if self._hist_n is None else torch.cat([self._hist_n, n_all])
+                else:
+                    n_scope = n_all
+                bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, self.agg, self.winsor_q)
+                ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
             base = bs[sid]
             coef = (r - base) * ks[sid]
 
@@ -721,7 +896,10 @@ class OPOB:
                             self._params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0
                         )
                 self._prev_b, self._prev_k = bb, kk
-                self._hist_n, self._hist_r = n_scope, r_scope
+                if plan is not None:
+                    self._hist_stats = step_stats
+                else:
+                    self._hist_n, self._hist_r = n_scope, r_scope
             else:
                 for w in works.values():
                     if w.strategy == "acc":
