@@ -55,3 +55,46 @@ def test_zero_norms_plain_mean_and_zero_std():
     b = scope_baselines(torch.zeros(4), r, sid, 2)
     assert b.tolist() == [2.0, 2.0]
     assert scope_inv_std(r, sid, 2).tolist() == [1.0, 0.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.floats(-5, 5, allow_nan=False).map(lambda v: 0.0 if abs(v) < 1e-6 else v),
+            st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 7.25]),
+            st.integers(0, 2),
+        ),
+        min_size=1,
+        max_size=24,
+    ),
+    offset=st.sampled_from([0.0, 1e6]),
+)
+def test_sufficient_statistics_match_per_sample_baselines(data, offset):
+    """Per-scope sums merged over arbitrary "ranks" give the per-sample mean baseline and 1/std."""
+    from vcpo_optim.opob.baseline import merge_stats, scope_stats, stats_baselines, stats_inv_std
+
+    sid = torch.tensor([d[0] for d in data])
+    uniq, sid = torch.unique(sid, return_inverse=True)
+    ns = uniq.numel()
+    r = torch.tensor([d[1] for d in data], dtype=torch.float64) + offset
+    n = torch.tensor([d[2] for d in data], dtype=torch.float64)
+    part = torch.tensor([d[3] for d in data])
+    rows, idx = [], []
+    for k in range(3):  # each "rank" sends one row per scope it has samples of
+        m = part == k
+        if m.any():
+            loc, ls = torch.unique(sid[m], return_inverse=True)
+            rows.append(scope_stats(n[m], r[m], ls, loc.numel()))
+            idx.append(loc)
+    merged = merge_stats(torch.cat(rows), torch.cat(idx), ns)
+    want_b = scope_baselines(n, r, sid, ns)
+    torch.testing.assert_close(stats_baselines(merged), want_b, rtol=1e-12, atol=1e-9)
+    want_k = scope_inv_std(r, sid, ns)
+    got_k = stats_inv_std(merged)
+    assert torch.equal(got_k == 0, want_k == 0)  # equal rewards: exactly zero, elsewhere not
+    # both sides lose ~ eps * max|R| / std to the rounding of the inputs' mean: scale with it
+    rmax = torch.zeros(ns, dtype=torch.float64).scatter_reduce_(0, sid, r.abs(), "amax")
+    rtol = 1e-9 + 1e-15 * rmax * want_k
+    assert torch.all((got_k - want_k).abs() <= rtol * want_k), (got_k, want_k)

@@ -293,8 +293,10 @@ class DistributedOPOB(OPOB):
     def _backward_empty(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
         """This rank's part of a backward call in which it has no samples.
 
-        Mirrors the collectives of :meth:`OPOB._backward` (validation, rewards
-        and group ids, norms) and its per-step state, with ``B = 0``.
+        Mirrors the collectives of :meth:`OPOB._backward` and its per-step
+        state, with ``B = 0``: validation (with the number of local groups),
+        then per-scope statistics (``agg="mean"``) or the per-sample rewards,
+        group ids and norms (median, winsorized mean).
         """
         group = self._dp_group()
         error = None

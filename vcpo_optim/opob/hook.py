@@ -510,6 +510,7 @@ class OPOB:
             return self._backward(per_sample_loss, rewards, groups)
         finally:
             self._tape.clear()
+            self._pending_sizes = None
 
     def _validate(self, loss: Any, rewards: Any, groups: Any) -> tuple[int, Tensor, Tensor | None]:
         if not self._attached:
