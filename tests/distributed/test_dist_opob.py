@@ -26,9 +26,11 @@ def _rank() -> int:
     return int(os.environ["RANK"])
 
 
-def _batch(seed, sizes, rank, cont=False):
+def _batch(seed, sizes, rank, cont=False, big_ids=False):
     b = C.global_batch(seed, sizes)
     b["groups"] = GROUPS if sum(sizes) == len(GROUPS) else torch.arange(sum(sizes)) // 2
+    if big_ids:  # negative int64 ids 3 apart near -2**62 (float64 would merge them): exact
+        b["groups"] = b["groups"] * 3 - 2**62 - 1
     if cont:  # continuous rewards on an offset (cancellation); group 0 keeps equal rewards
         b["reward"] = cont + 0.5 * b["y"]
         b["reward"][b["groups"] == 0] = cont + 0.25
@@ -41,13 +43,13 @@ def _surrogate(model, batch):
     return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
 
 
-def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None, cont=False):
+def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None, cont=False, big_ids=False):
     """Run ``steps`` OPOB steps; return per-step results, grads and parameters."""
     import contextlib
 
     out = []
     for seed in steps:
-        batch = _batch(seed, sizes, rank, cont)
+        batch = _batch(seed, sizes, rank, cont, big_ids)
         n = len(batch["x"])
         cuts = [round(k * n / micro) for k in range(micro + 1)]
         opt.zero_grad()
@@ -82,7 +84,7 @@ def run_opob(model, opob, opt, steps, sizes, rank, *, micro=1, ctx=None, cont=Fa
 STEPS = [41, 42]
 
 
-def _ddp(sizes=SIZES, micro=1, cont=False, **kw):
+def _ddp(sizes=SIZES, micro=1, cont=False, big_ids=False, **kw):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from vcpo_optim import VCPOAdamW
@@ -93,7 +95,16 @@ def _ddp(sizes=SIZES, micro=1, cont=False, **kw):
     opob = DistributedOPOB(policy, **kw)
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
     return run_opob(
-        model, opob, opt, STEPS, sizes, _rank(), micro=micro, ctx=model.no_sync, cont=cont
+        model,
+        opob,
+        opt,
+        STEPS,
+        sizes,
+        _rank(),
+        micro=micro,
+        ctx=model.no_sync,
+        cont=cont,
+        big_ids=big_ids,
     )
 
 
@@ -129,6 +140,35 @@ def s_ddp_mean_norm_by_std_batch_accumulation():
 
 def s_ddp_mean_norm_by_std_empty_rank():
     return _ddp(sizes=(8, 0), scope="group", norm_by_std=True, cont=1e3)
+
+
+def s_ddp_group_big_ids():
+    return _ddp(scope="group", big_ids=True)
+
+
+def s_ddp_median_big_ids():
+    return _ddp(scope="group", agg="median", big_ids=True)
+
+
+def _empty_everywhere(**kw):
+    from vcpo_optim.opob.distributed import DistributedOPOB
+
+    policy = C.make_mlp(0)
+    opob = DistributedOPOB(policy, **kw)
+    empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    opob.backward(empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+
+
+def s_fault_empty_global_group():
+    _empty_everywhere(scope="group")
+
+
+def s_fault_empty_global_batch_std():
+    _empty_everywhere(scope="batch", norm_by_std=True)
+
+
+def s_fault_empty_global_median():
+    _empty_everywhere(scope="group", agg="median")
 
 
 def s_ddp_winsorized_group():
@@ -455,6 +495,21 @@ def test_ddp_mean_norm_by_std_from_sufficient_statistics(res):
         reference(sizes=(8, 0), scope="group", norm_by_std=True, cont=1e3),
         (8, 0),
     )
+
+
+def test_ddp_group_ids_beyond_float_precision(res):
+    _compare(values(res, "ddp_group_big_ids"), reference(scope="group"), SIZES)
+    _compare(values(res, "ddp_median_big_ids"), reference(scope="group", agg="median"), SIZES)
+
+
+def test_fault_empty_global_batch_raises_everywhere(res):
+    for name in (
+        "fault_empty_global_group",
+        "fault_empty_global_batch_std",
+        "fault_empty_global_median",
+    ):
+        errs = errors(res, name)
+        assert errs[0] == errs[1] and errs[0][0] == "ValueError" and "empty batch" in errs[0][1]
 
 
 def test_ddp_winsorized_mean_per_sample_path(res):

@@ -124,8 +124,9 @@ def _gather_varlen(x: Tensor, group: Any | None) -> tuple[Tensor, int]:
     )
     sizes = [int(v) for v in n[:, 0].tolist()]
     m = max(sizes)
-    pad = torch.zeros(m, dtype=torch.float64, device=x.device)
-    pad[: x.numel()] = x.to(torch.float64)
+    wide = torch.float64 if x.is_floating_point() else torch.int64  # ids stay exact
+    pad = torch.zeros(m, dtype=wide, device=x.device)
+    pad[: x.numel()] = x.to(wide)
     rows = _dist.all_gather_rows(pad, group)
     rank = _dist.get_rank(group)
     out = torch.cat([rows[r, : sizes[r]] for r in range(len(sizes))]).to(x.dtype)
@@ -625,7 +626,7 @@ class OPOB:
             ids_all, _ = _gather_varlen(torch.zeros(b, dtype=torch.int64, device=r.device), group)
             new_ids = None
         else:
-            ids_all, _ = _gather_varlen(groups, group)  # exact for |id| < 2**53 across ranks
+            ids_all, _ = _gather_varlen(groups, group)  # gathered as int64: exact
             new_ids = torch.unique(ids_all)
             if self._seen_groups is not None:
                 dup = new_ids[torch.isin(new_ids, self._seen_groups)]
