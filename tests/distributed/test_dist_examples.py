@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ from _harness import REPO, TEARDOWN_ABORT, free_port
 TIMEOUT_S = 120
 
 
-def torchrun(script: str, *args: str) -> str:
+def torchrun(script: str, *args: str, before_retry: Callable[[], None] | None = None) -> str:
     out, err, code = _torchrun(script, *args)
     if code != 0 and TEARDOWN_ABORT in err + out:
         # rare gloo shutdown race after the script finished (see _harness.teardown_abort)
+        if before_retry is not None:
+            before_retry()
         out, err, code = _torchrun(script, *args)
     assert code == 0, out[-3000:] + err[-3000:]
     return out
@@ -53,7 +57,15 @@ def test_torchrun_ddp_example():
 def test_torchrun_fsdp_example_resume_continues_the_same_run(tmp_path: Path):
     ckpt = str(tmp_path / "ckpt")
     straight = torchrun("torchrun_fsdp.py", "--steps", "8", "--save-at", "4", "--ckpt", ckpt)
-    resumed = torchrun("torchrun_fsdp.py", "--steps", "8", "--ckpt", ckpt, "--resume")
+    shutil.copytree(ckpt, ckpt + ".at4")
+
+    def restore() -> None:  # the aborted resume already overwrote the checkpoint (step 8)
+        shutil.rmtree(ckpt)
+        shutil.copytree(ckpt + ".at4", ckpt)
+
+    resumed = torchrun(
+        "torchrun_fsdp.py", "--steps", "8", "--ckpt", ckpt, "--resume", before_retry=restore
+    )
     assert "resumed from" in resumed and "at step 4" in resumed
 
     def checksum(out: str) -> str:

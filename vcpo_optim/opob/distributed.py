@@ -11,7 +11,13 @@ supplies the missing reductions:
   statistics only (a fixed-size row per rank for ``scope="batch"``, one row
   per local prompt group for ``"group"``; the error flags ride in the same
   collectives); ``"median"`` / ``"winsorized_mean"`` gather the per-sample
-  rewards, norms and group ids.
+  rewards, norms and group ids. Collectives per :meth:`backward` call with
+  ``agg="mean"``: the validation all-gather (error flag, and for
+  ``scope="group"`` the number of local groups), one all-gather of the
+  statistics rows (error flag for non-finite norms included; with
+  ``norm_by_std`` and ``scope="group"`` one more before the norms, which
+  need ``1/std``), and the gradient reduction below: 3 (4). The rows are
+  merged in rank order on the CPU, so every rank gets bit-identical baselines.
   The gradient each rank computed from its own samples is summed over the
   group in one bucketed collective per :meth:`backward` call, so ``.grad`` on
   every rank is ``sum_i c_i grad l_i`` over the *global* batch: exactly what a
