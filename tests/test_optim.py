@@ -597,6 +597,8 @@ def test_config_validation() -> None:
         ess_scaled(nn.Linear)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="already"):
         ess_scaled(VCPOAdamW)
+    with pytest.raises(TypeError, match="LBFGS"):
+        ess_scaled(torch.optim.LBFGS)
     with pytest.raises(ValueError, match="base_ess_ratio"):
         VCPOAdamW([{"params": list(params()), "base_ess_ratio": 2.0}])
 

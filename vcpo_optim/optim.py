@@ -435,6 +435,11 @@ def ess_scaled(optimizer_cls: type[Optimizer], rule: str | float = "sqrt") -> ty
         )
     if issubclass(optimizer_cls, _ESSScaling):
         raise TypeError(f"{optimizer_cls.__name__} is already ESS-scaled")
+    if issubclass(optimizer_cls, torch.optim.LBFGS):
+        raise TypeError(
+            "LBFGS re-evaluates its closure many times inside one step; a per-step lr scale "
+            "from importance weights is not defined for it"
+        )
     power = _resolve_power(rule)
     key = (optimizer_cls, power)
     if key not in _CACHE:
