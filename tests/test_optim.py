@@ -425,7 +425,10 @@ def test_bad_mask_shape_raises_before_anything_changes() -> None:
 
 def test_step_takes_a_mask() -> None:
     opt = VCPOAdamW(make_model().parameters())
-    opt.step(importance_weights=torch.tensor([1.0, 9.0, 0.0, 0.0]), mask=torch.tensor([True, False, True, True]))
+    opt.step(
+        importance_weights=torch.tensor([1.0, 9.0, 0.0, 0.0]),
+        mask=torch.tensor([True, False, True, True]),
+    )
     assert int(opt.last_stats.n) == 3 and float(opt.last_stats.ess) == 1.0
     with pytest.raises(ValueError, match="mask but no"):
         opt.step(mask=torch.ones(2, dtype=torch.bool))
@@ -601,6 +604,26 @@ def test_config_validation() -> None:
         ess_scaled(torch.optim.LBFGS)
     with pytest.raises(ValueError, match="base_ess_ratio"):
         VCPOAdamW([{"params": list(params()), "base_ess_ratio": 2.0}])
+
+
+def test_group_rule_names_and_added_groups_are_validated() -> None:
+    model = make_model()
+    params = list(model.parameters())
+    w = torch.tensor([1.0, 0.0])  # ESS ratio 1/2
+    opt = VCPOAdamW(
+        [{"params": params[:1], "ess_power": "linear"}, {"params": params[1:2]}], lr=0.1
+    )
+    loss_fn(model, batches(1)[0]).backward()
+    opt.step(importance_weights=w)
+    assert [float(s) for s in opt.last_stats.lr_scales] == [0.5, math.sqrt(0.5)]
+    opt.add_param_group({"params": params[2:3], "ess_power": "linear"})
+    opt.step(importance_weights=w)
+    assert float(opt.last_stats.lr_scales[2]) == 0.5
+    with pytest.raises(ValueError, match="min_lr_scale"):
+        opt.add_param_group({"params": params[3:4], "min_lr_scale": 2.0})
+    with pytest.raises(ValueError, match="power"):
+        opt.add_param_group({"params": params[3:4], "ess_power": -1.0})
+    assert len(opt.param_groups) == 3
 
 
 def test_per_group_configuration() -> None:

@@ -166,6 +166,7 @@ class _ESSScaling:
             for key, value in config.items():
                 group.setdefault(key, value)
             _check_config(group)
+            group["ess_power"] = _resolve_power(group["ess_power"])  # "sqrt" -> 0.5
         self.process_group = process_group
         self._vcpo_pending: list[_Pending] = []
         self.last_stats: ESSStepStats | None = None
@@ -200,6 +201,15 @@ class _ESSScaling:
             return super().__reduce_ex__(protocol)
         # A class made by ess_scaled(): rebuild it from its base and rule.
         return (_rebuild, (cls._ess_base, cls._ess_default_power), self.__getstate__())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``Optimizer.add_param_group``; also validates the group's ESS configuration."""
+        if isinstance(param_group, dict) and all(key in self.defaults for key in _CONFIG_KEYS):
+            _check_config({key: param_group.get(key, self.defaults[key]) for key in _CONFIG_KEYS})
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]
+        if "ess_power" in group:
+            group["ess_power"] = _resolve_power(group["ess_power"])
 
     # ---------------------------------------------------------------- observe
     def observe(
