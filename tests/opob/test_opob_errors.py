@@ -190,6 +190,17 @@ def test_no_recorded_forward():
         assert opob.num_recorded == 0
 
 
+def test_trainable_module_in_eval_mode_named_in_the_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+    model[1].eval()  # not recorded, but its parameters still get gradients
+    x = torch.randn(3, 4)
+    snap = _snapshot(model)
+    with OPOB(model) as opob, pytest.raises(ValueError, match=r"eval mode.*\['1'\]"):
+        opob.backward(model(x).squeeze(-1), torch.randn(3))
+    _same(model, snap)
+
+
 def test_inplace_after_linear_is_exact():
     """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
     torch.manual_seed(0)

@@ -604,12 +604,24 @@ class OPOB:
                 else:
                     stack.append(nxt)
         if bad:
+            ids = {id(p) for p in self._params.values() if self._names[id(p)] in bad}
+            idle = [
+                n or type(m).__name__
+                for n, m in self.model.named_modules()
+                if not m.training and any(id(p) in ids for p in m.parameters(recurse=False))
+            ]
+            hint = (
+                f" Modules in eval mode are not recorded: {idle}; keep them in training mode "
+                "(model.train()) while OPOB is attached, or freeze their parameters."
+                if idle
+                else ""
+            )
             raise ValueError(
                 f"OPOB: trainable parameters {sorted(bad)} reach the loss outside the forward of a hooked "
                 "module that owns them (e.g. F.linear(h, emb.weight) for a tied head, or a module that "
                 "reads a child's weight directly such as nn.MultiheadAttention). Their per-sample "
                 "gradients would be missed: route the use through a module (e.g. an nn.Linear whose "
-                "weight is the same Parameter), register a rule, or freeze them."
+                "weight is the same Parameter), register a rule, or freeze them." + hint
             )
 
     def _scopes(
