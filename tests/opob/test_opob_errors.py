@@ -103,6 +103,18 @@ def test_uncovered_builtin_module_refused_strict():
         OPOB(model)
 
 
+def test_sequence_first_modules_refused():
+    # seq-first attention with T == B used to give silently wrong norms
+    with pytest.raises(ValueError, match=r"\['0'\] have batch_first=False"):
+        OPOB(nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 1)))
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0)
+    with pytest.raises(ValueError, match=r"self_attn.*batch_first=True"):
+        OPOB(layer)
+    with pytest.raises(ValueError, match="batch_first=False"):
+        OPOB(nn.GRU(3, 4), strict=False)
+    OPOB(nn.MultiheadAttention(4, 2, batch_first=True)).detach()
+
+
 def test_embedding_scale_grad_by_freq_refused():
     model = nn.Embedding(10, 3, scale_grad_by_freq=True)
     with OPOB(model) as opob, pytest.raises(ValueError, match="scale_grad_by_freq"):

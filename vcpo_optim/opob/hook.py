@@ -329,6 +329,19 @@ class OPOB:
                 "strict=False to use the exact (slower) torch.func fallback for their modules."
             )
 
+        seq_first = [
+            mname or type(mod).__name__
+            for mname, mod in rule_mods + fb_mods + unit_mods
+            if getattr(mod, "batch_first", None) is False
+        ]
+        if seq_first:
+            raise ValueError(
+                f"OPOB: modules {seq_first} have batch_first=False: dimension 0 of their input is the "
+                "sequence, not the sample, so their per-sample gradients cannot be recovered (and "
+                "would be silently wrong when the sequence length equals B). Construct them with "
+                "batch_first=True."
+            )
+
         self._tape: list[_Use] = []
         self._paused = False
         self._handles: list[Any] = []
