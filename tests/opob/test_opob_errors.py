@@ -115,6 +115,28 @@ def test_sequence_first_modules_refused():
     OPOB(nn.MultiheadAttention(4, 2, batch_first=True)).detach()
 
 
+def test_parameters_unknown_to_opob_refused():
+    """A trainable Parameter outside the model (or added/unfrozen after attaching) would get no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    temperature = nn.Parameter(torch.tensor(2.0))
+    snap = _snapshot(model)
+    with OPOB(model) as opob, pytest.raises(ValueError, match=r"1 trainable parameter.*\(\)"):
+        opob.backward(model(x).squeeze(-1) / temperature, torch.randn(3))
+    _same(model, snap)
+    assert temperature.grad is None
+    with OPOB(model) as opob:
+        model[2] = nn.Linear(4, 1)  # replaced after attaching
+        with pytest.raises(ValueError, match="replaced or unfrozen after attaching"):
+            opob.backward(model(x).squeeze(-1), torch.randn(3))
+    model[0].weight.requires_grad_(False)
+    with OPOB(model) as opob:
+        model[0].weight.requires_grad_(True)  # unfrozen after attaching
+        with pytest.raises(ValueError, match=r"shapes \[\(4, 4\)\]"):
+            opob.backward(model(x).squeeze(-1), torch.randn(3))
+
+
 def test_embedding_scale_grad_by_freq_refused():
     model = nn.Embedding(10, 3, scale_grad_by_freq=True)
     with OPOB(model) as opob, pytest.raises(ValueError, match="scale_grad_by_freq"):

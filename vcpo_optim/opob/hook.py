@@ -244,7 +244,10 @@ class OPOB:
     position ids of shape ``[1, T]``: expand them to ``[B, T]``), a tracked
     parameter used outside the forward of a module that owns it (for example
     ``F.linear(h, emb.weight)``: use an ``nn.Linear`` sharing the Parameter),
-    ``nn.Embedding(scale_grad_by_freq=True)``.
+    ``nn.Embedding(scale_grad_by_freq=True)``, hooked modules with
+    ``batch_first=False``, and trainable parameters that reach the loss but
+    were not trainable parameters of ``model`` when OPOB was attached (they
+    would get no gradient).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> OPOB:
@@ -601,6 +604,7 @@ class OPOB:
         stack = [root] if root is not None else []
         seen = set()
         bad: set[str] = set()
+        untracked: dict[int, tuple[int, ...]] = {}
         while stack:
             node = stack.pop()
             if id(node) in seen:
@@ -614,8 +618,21 @@ class OPOB:
                 if var is not None:
                     if id(var) in self._params and id(var) not in allowed.get(id(node), ()):
                         bad.add(self._names[id(var)])
+                    elif id(var) not in self._params and isinstance(var, nn.Parameter):
+                        untracked[id(var)] = tuple(var.shape)
                 else:
                     stack.append(nxt)
+        # FSDP2 / tensor parallelism run the forward on unsharded copies of DTensor parameters.
+        if any(type(p).__name__ == "DTensor" for p in self._params.values()):
+            untracked = {}
+        if untracked:
+            raise ValueError(
+                f"OPOB: {len(untracked)} trainable parameter(s) (shapes {list(untracked.values())[:5]}) reach the loss "
+                "but were not trainable parameters of the model when OPOB was attached (a parameter "
+                "outside the model, a module replaced or unfrozen after attaching): they would get no "
+                "gradient. Attach OPOB after the model is final, and include every trainable "
+                "parameter of the loss in the model."
+            )
         if bad:
             ids = {id(p) for p in self._params.values() if self._names[id(p)] in bad}
             idle = [
