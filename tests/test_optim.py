@@ -626,6 +626,18 @@ def test_group_rule_names_and_added_groups_are_validated() -> None:
     assert len(opt.param_groups) == 3
 
 
+def test_optimizer_without_lr_refused_at_construction() -> None:
+    class NoLR(torch.optim.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"momentum": 0.9})
+
+        def step(self, closure: Any = None) -> None:  # pragma: no cover - never reached
+            return None
+
+    with pytest.raises(TypeError, match="no 'lr'"):
+        ess_scaled(NoLR)(make_model().parameters())
+
+
 def test_per_group_configuration() -> None:
     model = make_model()
     groups = param_groups(model, 0.1)

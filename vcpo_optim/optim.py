@@ -161,6 +161,11 @@ class _ESSScaling:
         }
         _check_config(config)
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        if any("lr" not in group for group in self.param_groups):
+            raise TypeError(
+                f"{type(self).__name__}: the param groups of {self._ess_base.__name__} have no 'lr'; "
+                "ESS step scaling needs a learning rate to scale"
+            )
         self.defaults.update(config)
         for group in self.param_groups:
             for key, value in config.items():
