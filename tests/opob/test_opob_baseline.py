@@ -49,6 +49,21 @@ def test_weighted_median_definition():
     assert weighted_quantile(v, w, sid, 1, 0.5).item() == 10.0
 
 
+def test_quantiles_of_a_scope_ignore_other_scopes_weights():
+    # scope 0 sorts first and carries huge weights; a running sum over all scopes lost
+    # scope 1's weights (lower median of {3.0, 0.5} with equal weights is 0.5).
+    for dt in (torch.float64, torch.float32):
+        n = torch.tensor([1e30, 1e30, 2.0, 2.0], dtype=dt)
+        r = torch.tensor([1.0, 3.0, 3.0, 0.5], dtype=dt)
+        sid = torch.tensor([0, 0, 1, 1])
+        assert scope_baselines(n, r, sid, 2, "median").tolist() == [1.0, 0.5]
+        n = torch.tensor([1e4] * 8 + [1.0, 1.0], dtype=dt)  # float32: 8e4 + 1 - 8e4 != 1
+        r = torch.tensor([0.0] * 8 + [5.0, 2.0], dtype=dt)
+        sid = torch.tensor([0] * 8 + [1, 1])
+        assert weighted_quantile(r, n, sid, 2, 0.5).tolist() == [0.0, 2.0]
+        assert scope_baselines(n, r, sid, 2, "winsorized_mean", 0.4).tolist() == [0.0, 3.5]
+
+
 def test_zero_norms_plain_mean_and_zero_std():
     r = torch.tensor([1.0, 3.0, 2.0, 2.0])
     sid = torch.tensor([0, 0, 1, 1])

@@ -63,15 +63,20 @@ def weighted_quantile(
     """
     perm = torch.argsort(values, stable=True)
     perm = perm[torch.argsort(sid[perm], stable=True)]
-    v, w, s = values[perm], weights[perm], sid[perm]
-    cum = torch.cumsum(w, 0)
-    big = torch.full((n_scopes,), cum.numel() * 4 + 1, dtype=torch.long, device=v.device)
+    v, w, s = values[perm], weights[perm].to(torch.float64), sid[perm]
+    # Cumulative weights within each scope, one row per scope: a single running sum over
+    # all scopes would let a scope with large weights swamp the ones sorted after it.
+    counts = torch.bincount(s, minlength=n_scopes)
     pos = torch.arange(v.numel(), device=v.device)
-    first_pos = big.clone().scatter_reduce_(0, s, pos, "amin")
+    col = pos - (torch.cumsum(counts, 0) - counts)[s]
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    rows = torch.zeros(n_scopes, width, dtype=torch.float64, device=v.device)
+    rows[s, col] = w
+    cum = rows.cumsum(1)
+    within = cum[s, col]
+    tot = cum[:, -1]
+    big = torch.full((n_scopes,), v.numel() * 4 + 1, dtype=torch.long, device=v.device)
     last_pos = torch.full_like(big, -1).scatter_reduce_(0, s, pos, "amax")
-    offset = (cum - w)[first_pos.clamp(max=v.numel() - 1)]
-    within = cum - offset[s]
-    tot = _scope_sum(w, s, n_scopes)
     ok = within >= q * tot[s]
     pick = big.clone().scatter_reduce_(0, s, torch.where(ok, pos, big[s]), "amin")
     pick = torch.minimum(pick, last_pos).clamp(min=0)
