@@ -137,6 +137,27 @@ def test_parameters_unknown_to_opob_refused():
             opob.backward(model(x).squeeze(-1), torch.randn(3))
 
 
+def test_fallback_failure_is_a_clear_error():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            if float(x.detach().sum()) > -1e9:  # data-dependent control flow: vmap cannot run it
+                return x * self.g
+            return x  # pragma: no cover
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), Gate())
+    snap = _snapshot(model)
+    with OPOB(model, strict=False) as opob:
+        with pytest.raises(ValueError, match=r"fallback failed for module '1' \(Gate\)"):
+            opob.backward(model(torch.randn(2, 3)).sum(1), torch.randn(2))
+        assert opob.num_recorded == 0
+    _same(model, snap)
+
+
 def test_embedding_scale_grad_by_freq_refused():
     model = nn.Embedding(10, 3, scale_grad_by_freq=True)
     with OPOB(model) as opob, pytest.raises(ValueError, match="scale_grad_by_freq"):

@@ -868,6 +868,13 @@ class OPOB:
                         facs = fallback_factors(
                             u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
                         )
+                    except RuntimeError as e:
+                        raise ValueError(
+                            f"OPOB: the exact torch.func (vmap) fallback failed for module '{u.name}' "
+                            f"({type(u.module).__name__}): {e}. Register a per-sample rule for this "
+                            "module type (vcpo_optim.opob.register_rule) or freeze its parameters; "
+                            "nothing was changed."
+                        ) from e
                     finally:
                         self._paused = False
                 for pname, fac in facs.items():
