@@ -476,6 +476,7 @@ class OPOB:
         self._seen_groups: Tensor | None = None
         self._hist_n: Tensor | None = None
         self._hist_r: Tensor | None = None
+        self._r_off: Tensor | None = None  # reward offset of the step (scope="batch")
         self._hist_stats: Tensor | None = None
         self._prev_b: float | Tensor = 0.0
         self._prev_k: float | Tensor = 0.0
@@ -807,6 +808,23 @@ class OPOB:
             if any(p.dtype == torch.float64 for p in self._params.values())
             else torch.float32
         )
+        r_off = None
+        if group is None and dt != torch.float64:
+            # Baselines are shift-equivariant and the std shift-invariant: center the rewards (in
+            # float64, per scope; one offset per optimizer step for scope="batch") so that a large
+            # common offset does not cancel catastrophically in float32 (baselines, gradient sums).
+            r64 = r.to(torch.float64)
+            if self.scope == "batch":
+                if self._r_off is None:
+                    self._r_off = r64.mean()
+                r_off = self._r_off.expand(b)
+            elif g_ids is None:
+                r_off = r64.mean().expand(b)
+            else:
+                _, idx, cnt = torch.unique(g_ids, return_inverse=True, return_counts=True)
+                sums = torch.zeros(cnt.numel(), dtype=torch.float64, device=r.device)
+                r_off = (sums.index_add_(0, idx, r64) / cnt)[idx]
+            r = r64 - r_off
         r = r.to(dt)
         plan = None
         if self._uses_stats(group):  # per-scope sums over the group, no per-sample gather
@@ -920,6 +938,8 @@ class OPOB:
                 ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
             base = bs[sid]
             coef = (r - base) * ks[sid]
+            if r_off is not None:
+                base = (base.to(torch.float64) + r_off).to(dt)
 
             # ---- write the reweighted gradient (only place .grad is touched) ----
             if batch_scope:
