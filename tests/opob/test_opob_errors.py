@@ -158,6 +158,22 @@ def test_fallback_failure_is_a_clear_error():
     _same(model, snap)
 
 
+def test_parametrized_weights_refused():
+    """weight_norm & co.: with strict=False and B == out_features the norms were silently wrong."""
+    import warnings
+
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="compute their weight from other parameters"):
+        OPOB(model, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        old = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(3, 4)), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"\['0'\] compute their weight"):
+        OPOB(old)
+
+
 def test_embedding_scale_grad_by_freq_refused():
     model = nn.Embedding(10, 3, scale_grad_by_freq=True)
     with OPOB(model) as opob, pytest.raises(ValueError, match="scale_grad_by_freq"):

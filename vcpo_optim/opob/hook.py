@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils.parametrize import ParametrizationList
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import distributed as _dist
@@ -245,7 +246,8 @@ class OPOB:
     parameter used outside the forward of a module that owns it (for example
     ``F.linear(h, emb.weight)``: use an ``nn.Linear`` sharing the Parameter),
     ``nn.Embedding(scale_grad_by_freq=True)``, hooked modules with
-    ``batch_first=False``, and trainable parameters that reach the loss but
+    ``batch_first=False``, parametrized weights (``weight_norm``,
+    ``torch.nn.utils.parametrize``), and trainable parameters that reach the loss but
     were not trainable parameters of ``model`` when OPOB was attached (they
     would get no gradient).
     """
@@ -332,6 +334,23 @@ class OPOB:
                 "strict=False to use the exact (slower) torch.func fallback for their modules."
             )
 
+        computed = [
+            mname or type(mod).__name__
+            for mname, mod in rule_mods + fb_mods
+            if isinstance(mod, ParametrizationList)
+            or any(
+                isinstance(getattr(mod, a, None), Tensor)
+                and not isinstance(getattr(mod, a), nn.Parameter)
+                for a in ("weight", "bias")
+            )
+        ]
+        if computed:
+            raise ValueError(
+                f"OPOB: modules {computed} compute their weight from other parameters "
+                "(torch.nn.utils.parametrize, weight_norm, spectral_norm): per-sample gradients of "
+                "the underlying parameters are not supported (the parametrization runs outside the "
+                "sample dimension). Remove the parametrization or freeze its parameters."
+            )
         seq_first = [
             mname or type(mod).__name__
             for mname, mod in rule_mods + fb_mods + unit_mods
