@@ -193,6 +193,7 @@ def test_embedding_scale_grad_by_freq_refused():
         "groups_float",
         "device",
         "no_graph",
+        "complex_reward",
     ],
 )
 def test_bad_inputs_leave_grad_unchanged(bad):
@@ -220,6 +221,8 @@ def test_bad_inputs_leave_grad_unchanged(bad):
             groups = torch.tensor([0, 0, 1])
         elif bad == "groups_float":
             groups = torch.tensor([0.0, 0.0, 1.0, 1.0])
+        elif bad == "complex_reward":
+            r = torch.randn(4, dtype=torch.complex64)
         elif bad == "device":
             r = torch.randn(4, device="meta")
         elif bad == "no_graph":

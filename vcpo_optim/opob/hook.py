@@ -568,6 +568,8 @@ class OPOB:
         if not bool(torch.isfinite(loss.detach()).all()):
             raise ValueError("OPOB: per_sample_loss contains NaN or Inf")
         r = _to_1d(rewards, b, loss.device, "rewards", None)
+        if r.is_complex():
+            raise ValueError(f"OPOB: rewards must be real numbers, got dtype {r.dtype}")
         if not r.is_floating_point():
             r = r.to(torch.float32)
         if not bool(torch.isfinite(r).all()):
