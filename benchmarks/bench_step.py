@@ -44,12 +44,19 @@ def sync(device: torch.device) -> None:
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
-        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
     )
 
 
 def bench(impl: str, args: argparse.Namespace, device: torch.device) -> dict[str, float | str]:
-    kwargs = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    kwargs = {
+        "for-loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }[impl]
     pa = make_params(args.width, args.depth, device)
     pb = make_params(args.width, args.depth, device)
     theirs = torch.optim.AdamW(pa, lr=1e-4, **kwargs)
@@ -85,12 +92,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--depth", type=int, default=24, help="Linear(width, width) layers (24 x 1024^2 = 25M params)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=24,
+        help="Linear(width, width) layers (24 x 1024^2 = 25M params)",
+    )
     parser.add_argument("--batch", type=int, default=256, help="importance weights per step")
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--impls", default="for-loop,foreach,fused")
-    parser.add_argument("--out", default=None, help="results file stem (default bench_step_<device>)")
+    parser.add_argument(
+        "--out", default=None, help="results file stem (default bench_step_<device>)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -115,9 +129,8 @@ def main() -> None:
     stem = args.out or f"bench_step_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": "python benchmarks/bench_step.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
-        ),
+        "command": "python benchmarks/bench_step.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "params": n_params,
@@ -125,7 +138,9 @@ def main() -> None:
         "results": rows,
     }
     (RESULTS / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(text + f"\n\nCommand: `{meta['command']}` (torch {torch.__version__})\n")
+    (RESULTS / f"{stem}.md").write_text(
+        text + f"\n\nCommand: `{meta['command']}` (torch {torch.__version__})\n"
+    )
 
 
 if __name__ == "__main__":

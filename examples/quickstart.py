@@ -45,7 +45,12 @@ for step in range(STEPS):
             actions = torch.distributions.Categorical(logits=old).sample()
             old_lp = old.gather(-1, actions[..., None]).squeeze(-1).sum(-1)
             reward = (actions == target[ctx]).float().mean(-1)
-        new_lp = torch.log_softmax(logits(policy, ctx), -1).gather(-1, actions[..., None]).squeeze(-1).sum(-1)
+        new_lp = (
+            torch.log_softmax(logits(policy, ctx), -1)
+            .gather(-1, actions[..., None])
+            .squeeze(-1)
+            .sum(-1)
+        )
         log_w = (new_lp - old_lp).detach()  # sequence log importance weight
         advantage = reward - reward.mean()
         loss = -(log_w.exp() * advantage * new_lp).mean() / MICRO_BATCHES

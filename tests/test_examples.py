@@ -31,4 +31,6 @@ def test_quickstart_runs_and_scales_the_lr() -> None:
     scales = [float(line.split("lr_scale")[1].split()[0]) for line in lines]
     assert all(0.0 < s <= 1.0 for s in scales)
     assert min(scales) < 1.0  # stale rollouts did shrink some step
-    assert float(lines[-1].split("reward")[1].split()[0]) > float(lines[0].split("reward")[1].split()[0])
+    assert float(lines[-1].split("reward")[1].split()[0]) > float(
+        lines[0].split("reward")[1].split()[0]
+    )
