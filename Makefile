@@ -23,6 +23,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check vcpo_optim tests examples benchmarks
+	$(PY) -m ruff format --check vcpo_optim tests examples benchmarks
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
