@@ -480,6 +480,19 @@ class OPOB:
         """Drop activations recorded since the last :meth:`backward` (a forward you will not backprop)."""
         self._tape.clear()
 
+    def _check_no_split_groups(self, new_ids: Tensor) -> None:
+        """Raise if a group id of this call already appeared earlier in the optimizer step."""
+        if self._seen_groups is None:
+            return
+        dup = new_ids[torch.isin(new_ids, self._seen_groups)]
+        if dup.numel():
+            raise ValueError(
+                f"OPOB: scope='group' needs each group complete within one backward call, but "
+                f"group ids {dup.tolist()[:10]} already appeared in an earlier call of this "
+                "optimizer step (split group). Put whole groups in each micro-batch, use "
+                "scope='batch', or call opob.finalize() if a new step started."
+            )
+
     def finalize(self) -> None:
         """End the current optimizer step.
 
@@ -692,15 +705,7 @@ class OPOB:
         else:
             ids_all, _ = _gather_varlen(groups, group)  # gathered as int64: exact
             new_ids = torch.unique(ids_all)
-            if self._seen_groups is not None:
-                dup = new_ids[torch.isin(new_ids, self._seen_groups)]
-                if dup.numel():
-                    raise ValueError(
-                        f"OPOB: scope='group' needs each group complete within one backward call, but "
-                        f"group ids {dup.tolist()[:10]} already appeared in an earlier call of this "
-                        "optimizer step (split group). Put whole groups in each micro-batch, use "
-                        "scope='batch', or call opob.finalize() if a new step started."
-                    )
+            self._check_no_split_groups(new_ids)
         uniq, sid = torch.unique(ids_all, return_inverse=True)
         return r_all, sid, uniq.numel(), r_all, offset, new_ids
 
@@ -805,15 +810,7 @@ class OPOB:
         new_ids = None
         if groups is not None:
             new_ids = uniq.to(dev)
-            if self._seen_groups is not None:
-                dup = new_ids[torch.isin(new_ids, self._seen_groups)]
-                if dup.numel():
-                    raise ValueError(
-                        f"OPOB: scope='group' needs each group complete within one backward call, but "
-                        f"group ids {dup.tolist()[:10]} already appeared in an earlier call of this "
-                        "optimizer step (split group). Put whole groups in each micro-batch, use "
-                        "scope='batch', or call opob.finalize() if a new step started."
-                    )
+            self._check_no_split_groups(new_ids)
         bs = stats_baselines(merged)[loc2glob].to(device=dev, dtype=dt)
         ks = plan.inv if plan.inv is not None else torch.ones_like(bs)
         return bs, ks, new_ids, None
