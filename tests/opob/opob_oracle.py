@@ -98,6 +98,29 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def assert_one_call_matches_oracle(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module], Tensor],
+    rewards: Tensor,
+    groups: list[int] | None = None,
+    tol: float = 1e-10,
+    **opob_kwargs: object,
+) -> None:
+    """One ``OPOB.backward`` call on a fresh ``.grad`` equals the oracle (norms and gradient)."""
+    from vcpo_optim.opob import OPOB
+
+    scopes = [0] * rewards.shape[0] if groups is None else groups
+    ref_n, _, _, ref_g = oracle(model, loss_fn, rewards, scopes)
+    model.zero_grad(set_to_none=True)
+    with OPOB(model, **opob_kwargs) as opob:  # type: ignore[arg-type]
+        res = opob.backward(
+            loss_fn(model), rewards, None if groups is None else torch.tensor(groups)
+        )
+    assert rel_err(res.sq_norms, ref_n) < tol
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_g[n]) < tol, n
+
+
 # ----------------------------------------------------------------------------- models
 
 
