@@ -25,7 +25,7 @@ Each rank samples its own prompts. What matters for distributed VCPO:
   loss by ``world_size / global_batch_size`` instead (see the README).
 * With ``--opob`` the gradient comes from OPOB, the off-policy optimal
   baseline, reduced over the data-parallel group by
-  ``vcpo_optim.opob.distributed.DistributedOPOB`` (OPOB writes ``.grad`` itself, so DDP's
+  ``vcpo_optim.OPOB`` (OPOB writes ``.grad`` itself, so DDP's
   gradient all-reduce would never fire: the policy is used unwrapped).
 """
 
@@ -108,7 +108,7 @@ def main() -> None:
     torch.manual_seed(0)  # same init everywhere (DDP also broadcasts rank 0's)
     policy = BigramPolicy(args.vocab, args.dim).to(device)
     if args.opob:
-        # DistributedOPOB reduces its own gradients, so DDP's wrapper has nothing to do;
+        # OPOB reduces its own gradients, so DDP's wrapper has nothing to do;
         # only its start-up broadcast is needed. (Keeping DDP also works: run the forward
         # and opob.backward() under model.no_sync().)
         for p in policy.parameters():
@@ -120,12 +120,12 @@ def main() -> None:
     sampler = copy.deepcopy(policy).eval()
     opob = None
     if args.opob:
-        from vcpo_optim.opob.distributed import DistributedOPOB
+        from vcpo_optim import OPOB
 
         # The seq-mean losses carry 1/B_local and local batches are equal: "mean" is
         # DDP's convention. "sum" (the default) is the right one for losses that do
         # not depend on the local batch size.
-        opob = DistributedOPOB(policy, scope="group", grad_reduction="mean")
+        opob = OPOB(policy, scope="group", grad_reduction="mean")
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own prompts
 
     for step in range(args.steps):

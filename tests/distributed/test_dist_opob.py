@@ -88,7 +88,7 @@ def _ddp(sizes=SIZES, micro=1, cont=False, big_ids=False, **kw):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from vcpo_optim import VCPOAdamW
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     policy = C.make_mlp(0)
     model = DDP(policy)
@@ -151,7 +151,7 @@ def s_ddp_median_big_ids():
 
 
 def _empty_everywhere(**kw):
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     policy = C.make_mlp(0)
     opob = DistributedOPOB(policy, **kw)
@@ -223,7 +223,7 @@ def s_collectives_per_backward_call():
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     out = {}
     configs = {
@@ -286,7 +286,7 @@ def s_fsdp_group_scope():
     from torch.distributed.fsdp import fully_shard
 
     from vcpo_optim import VCPOAdamW
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     model = C.make_mlp(0)
     for layer in model:
@@ -305,7 +305,7 @@ def s_fsdp_root_only():
     from torch.distributed.fsdp import fully_shard
 
     from vcpo_optim import VCPOAdamW
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     model = C.make_mlp(0)
     fully_shard(model)
@@ -319,7 +319,7 @@ def s_ddp_without_no_sync():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from vcpo_optim import VCPOAdamW
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     policy = C.make_mlp(0)
     model = DDP(policy)
@@ -331,7 +331,7 @@ def s_ddp_without_no_sync():
 def s_fault_nan_reward_rank1():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     policy = C.make_mlp(0)
     model = DDP(policy)
@@ -351,7 +351,7 @@ def s_fault_broadcast_input_rank0():
     """A malformed batch on rank 0 only (loss of the wrong length)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     policy = C.make_mlp(0)
     model = DDP(policy)
@@ -552,7 +552,10 @@ def test_ddp_rank_with_no_samples_and_accumulation(res):
 
 def test_public_opob_class_is_distributed(res):
     got = values(res, "public_opob_class_under_ddp")
-    assert got[0][0]["class"] == "DistributedOPOB"
+    assert got[0][0]["class"] == "OPOB"  # one class; DistributedOPOB is an alias of it
+    from vcpo_optim.opob import OPOB, DistributedOPOB
+
+    assert DistributedOPOB is OPOB
     _compare(got, reference(scope="group"), SIZES)
 
 

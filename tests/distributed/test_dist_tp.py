@@ -80,7 +80,7 @@ def _surrogate(model, batch):
 
 def _opob_run(scope: str, **kw):
     from vcpo_optim import VCPOAdamW
-    from vcpo_optim.opob.distributed import DistributedOPOB
+    from vcpo_optim.opob import DistributedOPOB
 
     mesh = _mesh()
     model = _tp_model(mesh)
