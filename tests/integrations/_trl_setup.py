@@ -101,7 +101,9 @@ def trainer(
     **overrides: Any,
 ) -> Any:
     """``cls(...)`` on the tiny set-up; ``overrides`` go to ``GRPOConfig``."""
-    return cls(
+    from transformers import PrinterCallback
+
+    trainer = cls(
         model=model(),
         reward_funcs=reward,
         args=config(output_dir, **overrides),
@@ -110,6 +112,8 @@ def trainer(
         callbacks=callbacks,
         **(trainer_kwargs or {}),
     )
+    trainer.remove_callback(PrinterCallback)  # logs stay in state.log_history, not on stdout
+    return trainer
 
 
 def vcpo_logs(trainer: Any) -> list[dict[str, float]]:

@@ -29,6 +29,9 @@ from vcpo_optim.integrations.trl import (
     sequence_log_weights,
 )
 
+# transformers 5 deprecates the gradient_checkpointing names TRL still uses.
+pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+
 _ESS_KEYS = {"base_ess_ratio", "min_lr_scale", "scale_weight_decay", "ess_power"}
 
 
