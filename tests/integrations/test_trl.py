@@ -262,5 +262,15 @@ def test_sequence_log_weights():
     # On-policy: exactly zero.
     lw, _ = sequence_log_weights(logps, {"completion_mask": mask})
     assert lw.tolist() == [0.0, 0.0, 0.0]
+    # A NaN in the policy's (or TRL's old) log-probs is not hidden: observe() will raise.
+    bad = logps.clone()
+    bad[0, 0] = float("nan")
+    for extra in ({}, {"old_per_token_logps": old}, {"sampling_per_token_logps": sampling}):
+        lw, _ = sequence_log_weights(bad, {"completion_mask": mask, **extra})
+        assert math.isnan(lw[0]) and not lw[1:].isnan().any()
+    old_bad = old.clone()
+    old_bad[1, 0] = float("nan")
+    lw, _ = sequence_log_weights(logps, {"completion_mask": mask, "old_per_token_logps": old_bad})
+    assert math.isnan(lw[1])
     with pytest.raises(ValueError, match="old_per_token_logps has shape"):
         sequence_log_weights(logps, {"completion_mask": mask, "old_per_token_logps": old[:, :2]})

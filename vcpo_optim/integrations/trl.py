@@ -43,14 +43,15 @@ What the subclass does, and nothing else:
    first param group) and ``vcpo/n`` (the number of weights in the step), and
    adds their mean over the logging interval to the Trainer's logs.
 
-On-policy configurations (``num_iterations=1``, ``steps_per_generation ==
-gradient_accumulation_steps`` -- TRL's defaults -- and no vLLM) have every
-:math:`\log w_i = 0`, so the ESS ratio is exactly 1 and training is bitwise
-plain ``GRPOTrainer``.
+On-policy configurations -- ``gradient_accumulation_steps`` a multiple of
+``steps_per_generation * num_iterations`` (TRL's defaults: ``num_iterations=1``,
+``steps_per_generation = gradient_accumulation_steps``) and no vLLM -- have
+every :math:`\log w_i = 0`, so the ESS ratio is exactly 1 and training is
+bitwise plain ``GRPOTrainer``.
 
 Tested with TRL 1.16.0, transformers 5.24.0, accelerate 1.15.0 (CPU, single
-process and 2-rank DDP). It relies on one private method of TRL, see
-:class:`VCPOGRPOTrainer`.
+process and 2-rank DDP). It relies on one private method of TRL and on the
+keys of its micro-batch dict, see :class:`VCPOGRPOTrainer`.
 """
 
 from __future__ import annotations
@@ -153,13 +154,16 @@ def sequence_log_weights(per_token_logps: Tensor, inputs: dict[str, Any]) -> tup
                 f"{tuple(logps.shape)}"
             )
     keep = mask.to(device=logps.device) != 0
+    live = keep.any(-1)
     behaviour = behaviour.detach().to(device=logps.device, dtype=torch.float64)
     diff = logps.to(torch.float64) - behaviour
-    # A token the sampler could not score carries NaN: TRL's own IS correction
-    # gives it ratio 1, so it adds 0 here. A NaN in the policy's own log-probs
-    # is not hidden: it reaches observe(), which raises.
-    diff = torch.where(keep & ~torch.isnan(behaviour), diff, torch.zeros_like(diff))
-    return diff.sum(-1), keep.any(-1)
+    # A token vLLM could not score carries a NaN sampling log-prob: TRL's own IS
+    # correction gives it ratio 1, so it adds 0 here. A NaN in the policy's own
+    # (or TRL's old) log-probs is not hidden: it reaches observe(), which raises.
+    if source == "sampling_per_token_logps":
+        keep = keep & ~torch.isnan(behaviour)
+    diff = torch.where(keep, diff, torch.zeros_like(diff))
+    return diff.sum(-1), live
 
 
 class _Capture:
@@ -188,7 +192,7 @@ class VCPOTrainerMixin:
     ``create_optimizer``, refuses configurations where ESS scaling cannot
     work, and logs ``vcpo/*`` after every optimizer step. It does not observe
     any weights: the subclass's ``compute_loss`` must call
-    ``self._vcpo_optimizer().observe(log_weights=..., mask=...)`` once per
+    ``self.vcpo_optimizer().observe(log_weights=..., mask=...)`` once per
     training micro-batch (see :class:`VCPOGRPOTrainer`).
     """
 
@@ -284,8 +288,8 @@ class VCPOTrainerMixin:
         finally:
             self.optimizer_cls_and_kwargs = saved
 
-    def _vcpo_optimizer(self) -> Any:
-        """The ESS-scaled optimizer under the Trainer's wrappers; ``TypeError`` if there is none."""
+    def vcpo_optimizer(self) -> Any:
+        """The ESS-scaled optimizer under the Trainer's wrappers (``observe`` it); ``TypeError`` if none."""
         inner = unwrap_optimizer(self.optimizer)
         if not is_ess_scaled(inner):
             raise TypeError(
@@ -400,7 +404,7 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
         """TRL's loss, unchanged; in training, also observes the micro-batch's log weights."""
         if not self.model.training:  # evaluation: no optimizer step follows
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        optimizer = self._vcpo_optimizer()
+        optimizer = self.vcpo_optimizer()
         self._vcpo_capture = capture = _Capture(model)
         try:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
