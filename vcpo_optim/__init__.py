@@ -9,6 +9,7 @@ from vcpo_optim import losses as losses
 from vcpo_optim.ess import ESSResult, effective_sample_size
 from vcpo_optim.opob import OPOB, OPOBResult
 from vcpo_optim.optim import VCPOSGD, ESSStepStats, VCPOAdam, VCPOAdamW, ess_scaled
+from vcpo_optim.wrappers import unwrap_optimizer
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "VCPOAdamW",
     "effective_sample_size",
     "ess_scaled",
+    "unwrap_optimizer",
 ]
