@@ -540,7 +540,7 @@ def offpolicy_stats(
         ) from error
     header = rows[:, :N_HEADER]
     tables = rows[:, N_HEADER:].reshape(rows.shape[0], n_groups, width)
-    bad = header[:, [MALFORMED, BAD_LOGP, BAD_MASK, BAD_LAG]].sum()
+    bad = sum(header[:, col].sum() for col in (MALFORMED, BAD_LOGP, BAD_MASK, BAD_LAG))
     caps = header[:, HAS_CAP] * 2.0 + torch.nan_to_num(header[:, LOG_CAP])
     valid = (bad == 0) & (caps == caps[0]).all()
     merged = _merge(tables)
@@ -582,10 +582,10 @@ def _local_row(
     ]
     bad_lag = torch.zeros((), device=dev)
     if lag is not None:
-        e = torch.tensor(edges, dtype=torch.long, device=dev)
         lag_l = lag.to(torch.long)
         bad_lag = (lag_l < 0).sum()
-        gid = (torch.bucketize(lag_l, e, right=True) - 1).clamp(min=0)
+        # bucket = number of edges <= lag, minus 1 (Python scalars: no host-to-device copy)
+        gid = (sum((lag_l >= e).to(torch.long) for e in edges) - 1).clamp(min=0)
         parts.append(_group_table(lw, x, m, gid, len(edges), log_cap, bins_per_unit))
     header = torch.zeros(N_HEADER, dtype=f64, device=dev)
     header[BAD_LOGP] = bad_x.sum()
