@@ -756,3 +756,22 @@ def test_ess_cap_cases_and_errors() -> None:
         L.importance_weights(
             torch.tensor([800.0, 800.0], dtype=torch.float64), "tis", ess_target=0.5
         )
+
+
+def test_k3_and_its_log_to_float64_accuracy() -> None:
+    """K3 = expm1(x) - x without cancellation (tiny |x|) or overflow of its log (huge x)."""
+    mpmath.mp.dps = 50
+    xs = [1e-300, -1e-200, 1e-12, -3e-9, 1e-5, -3e-3, 0.1, -0.49, 0.5, 0.51, -0.51, 1.0]
+    xs += [-2.0, 30.0, -1000.0, 700.0, 709.0]
+    x = torch.tensor(xs, dtype=torch.float64)
+    k3, log_k3 = L._k3(x), L._log_k3(x)
+    for i, v in enumerate(xs):
+        with mpmath.workdps(1300):  # enough digits for the cancellation at |x| = 1e-300
+            ref = mpmath.exp(v) - 1 - v
+            log_ref = float(mpmath.log(ref))
+        assert float(k3[i]) == pytest.approx(float(ref), rel=1e-15, abs=0), v  # 0 if < 1e-308
+        assert float(log_k3[i]) == pytest.approx(log_ref, rel=1e-15, abs=1e-15), v
+    big = torch.tensor([710.0, 1000.0, 5e4], dtype=torch.float64)
+    assert torch.isinf(L._k3(big)).all()  # beyond float64: +inf, which any threshold rejects
+    torch.testing.assert_close(L._log_k3(big), big, rtol=1e-15, atol=0)  # log K3 = x + log1p(..)
+    assert float(L._log_k3(torch.zeros(1, dtype=torch.float64))) == -math.inf
