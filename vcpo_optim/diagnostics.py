@@ -299,10 +299,29 @@ def _validate_meta(
         raise ValueError(f"lag_buckets must be increasing integers starting at 0, got {edges}")
 
 
+def _per_sequence(x: Tensor, m: Tensor) -> dict[str, Tensor]:
+    """Token-level sufficient statistics of each trajectory (``[B]`` each), one pass.
+
+    ``tok_max`` is the largest token log ratio, ``tok_s1``/``tok_s2`` the sums of
+    ``r`` and ``r^2`` relative to ``exp(tok_max)``; ``k3_max``/``k3_s`` the same for
+    ``log K3``. Empty rows have maxima ``-inf`` and sums 0.
+    """
+    neg = torch.full_like(x, -float("inf"))
+    out = {"length": m.sum(1).to(torch.float64)}
+    for name, v in (("tok", torch.where(m, x, neg)), ("k3", torch.where(m, _log_k3(x), neg))):
+        top = v.max(1).values if v.shape[1] else torch.full(v.shape[:1], -float("inf")).to(v)
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        e = torch.exp(v - shift[:, None])
+        out[f"{name}_max"] = top
+        out[f"{name}_s1"] = e.sum(1)
+        if name == "tok":
+            out["tok_s2"] = (e * e).sum(1)
+    return out
+
+
 def _group_table(
     lw: Tensor,
-    x: Tensor,
-    m: Tensor,
+    seq: dict[str, Tensor],
     gid: Tensor,
     n_groups: int,
     log_cap: float | None,
@@ -323,37 +342,32 @@ def _group_table(
     def gmin(v: Tensor) -> Tensor:
         return torch.full((g,), inf, dtype=f64, device=dev).scatter_reduce(0, gid, v, "amin")
 
-    def shifted_sums(v: Tensor, top: Tensor, k: int) -> Tensor:
-        # v: [B] or [B, T] log values (-inf = absent); top: [G] group maxima
+    def shifted_sum(sums: Tensor, tops: Tensor, top: Tensor, k: int) -> Tensor:
+        """sum_i sums_i exp(k (tops_i - top_g)): merge per-item sums at the group max."""
         s = top[gid]
-        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-        if v.dim() == 2:
-            s = s[:, None]
-        e = torch.exp(k * (v - s))
-        return gsum(e.sum(1) if v.dim() == 2 else e)
+        f = torch.exp(k * (tops - torch.where(torch.isfinite(s), s, torch.zeros_like(s))))
+        return gsum(torch.where(torch.isfinite(tops), sums * f, torch.zeros_like(sums)))
 
     ones = torch.ones_like(lw)
-    length = m.sum(1).to(f64)
+    length = seq["length"]
     n = gsum(ones)
-    cols = [None] * N_FIELDS
+    cols: list[Tensor] = [zeros] * N_FIELDS
     cols[NSEQ] = n
     cols[NTOK] = gsum(length)
     cols[LW_MAX] = gmax(lw)
     cols[LW_MIN] = gmin(lw)
-    cols[LW_S1] = shifted_sums(lw, cols[LW_MAX], 1)
-    cols[LW_S2] = shifted_sums(lw, cols[LW_MAX], 2)
+    cols[LW_S1] = shifted_sum(ones, lw, cols[LW_MAX], 1)
+    cols[LW_S2] = shifted_sum(ones, lw, cols[LW_MAX], 2)
     mean = gsum(lw) / n.clamp(min=1)
     cols[LW_MEAN] = mean
     cols[LW_M2] = gsum((lw - mean[gid]) ** 2)
-    neg = torch.full_like(x, -inf)
-    xt = torch.where(m, x, neg)
-    cols[TOK_MAX] = gmax(xt.max(1).values if x.shape[1] else torch.full_like(lw, -inf))
-    cols[TOK_S1] = shifted_sums(xt, cols[TOK_MAX], 1)
-    cols[TOK_S2] = shifted_sums(xt, cols[TOK_MAX], 2)
-    lk = torch.where(m, _log_k3(x), neg)
-    cols[K3_MAX] = gmax(lk.max(1).values if x.shape[1] else torch.full_like(lw, -inf))
-    cols[K3_S] = shifted_sums(lk, cols[K3_MAX], 1)
-    cols[ABOVE] = gsum((lw > log_cap).to(f64)) if log_cap is not None else zeros
+    cols[TOK_MAX] = gmax(seq["tok_max"])
+    cols[TOK_S1] = shifted_sum(seq["tok_s1"], seq["tok_max"], cols[TOK_MAX], 1)
+    cols[TOK_S2] = shifted_sum(seq["tok_s2"], seq["tok_max"], cols[TOK_MAX], 2)
+    cols[K3_MAX] = gmax(seq["k3_max"])
+    cols[K3_S] = shifted_sum(seq["k3_s1"], seq["k3_max"], cols[K3_MAX], 1)
+    if log_cap is not None:
+        cols[ABOVE] = gsum((lw > log_cap).to(f64))
     cols[LEN_SUM] = gsum(length)
     cols[LEN_MIN] = gmin(length)
     cols[LEN_MAX] = gmax(length)
@@ -575,18 +589,16 @@ def _local_row(
     lw = x.sum(1)
     log_cap = math.log(tis_cap) if tis_cap is not None else None
     b = lw.shape[0]
-    parts = [
-        _group_table(
-            lw, x, m, torch.zeros(b, dtype=torch.long, device=dev), 1, log_cap, bins_per_unit
-        )
-    ]
+    seq = _per_sequence(x, m)
+    zero = torch.zeros(b, dtype=torch.long, device=dev)
+    parts = [_group_table(lw, seq, zero, 1, log_cap, bins_per_unit)]
     bad_lag = torch.zeros((), device=dev)
     if lag is not None:
         lag_l = lag.to(torch.long)
         bad_lag = (lag_l < 0).sum()
         # bucket = number of edges <= lag, minus 1 (Python scalars: no host-to-device copy)
         gid = (sum((lag_l >= e).to(torch.long) for e in edges) - 1).clamp(min=0)
-        parts.append(_group_table(lw, x, m, gid, len(edges), log_cap, bins_per_unit))
+        parts.append(_group_table(lw, seq, gid, len(edges), log_cap, bins_per_unit))
     header = torch.zeros(N_HEADER, dtype=f64, device=dev)
     header[BAD_LOGP] = bad_x.sum()
     header[BAD_MASK] = bad_mask

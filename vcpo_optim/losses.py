@@ -647,35 +647,42 @@ def _cap_from_values(x: Tensor, rho: float) -> Tensor:
 # --------------------------------------------------------------------------- masking rules
 
 
-def _k3(x: Tensor) -> Tensor:
-    """``K3 = r - 1 - log r = expm1(x) - x`` for ``x = log r``, to float64 accuracy.
-
-    For ``|x| <= 0.5`` the series ``x^2 sum_{m>=0} x^m / (m+2)!`` (18 terms, relative
-    truncation error below 1e-21) avoids the cancellation of ``expm1(x) - x``;
-    ``x > 709.78`` gives ``+inf`` (the value exceeds the float64 range).
-    """
+def _k3_series(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(small, xs, p)``: ``|x| <= 0.5``, ``x`` there (else 0) and
+    ``p = sum_{m<18} xs^m / (m+2)!`` (relative truncation error below 1e-21), so that
+    ``K3 = xs^2 p`` on ``small`` without the cancellation of ``expm1(x) - x``."""
     small = x.abs() <= 0.5
     xs = torch.where(small, x, torch.zeros_like(x))
     p = torch.full_like(x, 1.0 / math.factorial(_K3_TERMS + 1))
-    for m in range(_K3_TERMS - 2, -1, -1):
-        p = p * xs + 1.0 / math.factorial(m + 2)
+    for m in range(_K3_TERMS - 2, -1, -1):  # Horner, in place
+        p.mul_(xs).add_(1.0 / math.factorial(m + 2))
+    return small, xs, p
+
+
+def _k3(x: Tensor) -> Tensor:
+    """``K3 = r - 1 - log r = expm1(x) - x`` for ``x = log r``, to float64 accuracy.
+
+    For ``|x| <= 0.5`` the series ``x^2 sum_{m>=0} x^m / (m+2)!`` avoids the
+    cancellation of ``expm1(x) - x``; ``x > 709.78`` gives ``+inf`` (the value
+    exceeds the float64 range).
+    """
+    small, xs, p = _k3_series(x)
     return torch.where(small, xs * xs * p, torch.expm1(x) - x)
 
 
 def _log_k3(x: Tensor) -> Tensor:
-    """``log K3(x)`` without overflow for any finite ``x`` (``-inf`` at ``x = 0``)."""
-    small = x.abs() <= 0.5
-    xs = torch.where(small, x, torch.zeros_like(x))
-    p = torch.full_like(x, 1.0 / math.factorial(_K3_TERMS + 1))
-    for m in range(_K3_TERMS - 2, -1, -1):
-        p = p * xs + 1.0 / math.factorial(m + 2)
+    """``log K3(x)`` without overflow for any finite ``x`` (``-inf`` at ``x = 0``).
+
+    ``2 log|x| + log p`` for ``|x| <= 0.5``, ``log(expm1(x) - x)`` up to ``x = 700``,
+    and ``x`` itself above (``log K3 = x + log1p(-(1 + x) e^-x)``, and the correction
+    is below ``1e-300``).
+    """
+    small, xs, p = _k3_series(x)
     log_small = 2.0 * torch.log(xs.abs()) + torch.log(p)
     big = x > 700.0
     xm = torch.where(big | small, torch.ones_like(x), x)
     log_mid = torch.log(torch.expm1(xm) - xm)
-    xb = torch.where(big, x, torch.full_like(x, 701.0))
-    log_big = xb + torch.log1p(-(1.0 + xb) * torch.exp(-xb))
-    return torch.where(small, log_small, torch.where(big, log_big, log_mid))
+    return torch.where(small, log_small, torch.where(big, x, log_mid))
 
 
 _K3_TERMS = 18
