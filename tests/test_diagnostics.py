@@ -126,7 +126,7 @@ def test_every_field_matches_high_precision_reference(b, t, scale, extreme) -> N
     ref, lw = reference(new, old, mask, cap=2.0)
     assert_matches(stats, ref)
     check_quantiles(stats, lw)
-    assert set(stats.as_dict(prefix="p/")) == {f"p/{k}" for k in OffPolicyStats._SCALARS}
+    assert set(stats.as_dict(prefix="p/")) == {f"p/{k}" for k in OffPolicyStats.FIELDS}
 
 
 def test_extreme_log_ratios_stay_finite_in_log_space() -> None:
@@ -243,7 +243,7 @@ def test_lag_buckets_equal_the_stats_of_their_subsets() -> None:
             assert math.isnan(float(stats.by_lag.ess_ratio[j]))
             continue
         sub = offpolicy_stats(new[sel], old[sel], mask[sel], tis_cap=1.5)
-        for name in OffPolicyStats._SCALARS:
+        for name in OffPolicyStats.FIELDS:
             a, b = float(getattr(stats.by_lag, name)[j]), float(getattr(sub, name))
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(
                 b, rel=1e-12, abs=1e-14
@@ -362,7 +362,7 @@ def test_no_host_sync_on_cuda() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref = offpolicy_stats(new.cpu(), old.cpu(), mask.cpu(), lag=lag.cpu(), tis_cap=8.0)
-    for name in OffPolicyStats._SCALARS:
+    for name in OffPolicyStats.FIELDS:
         torch.testing.assert_close(
             getattr(stats, name).cpu(), getattr(ref, name), rtol=1e-12, atol=1e-13
         )

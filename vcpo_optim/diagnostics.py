@@ -27,7 +27,7 @@ field                     definition
                           the self-normalised estimate of :math:`\chi^2(\pi_\theta\|\mu)
                           = E_\mu[w^2] - 1` (weights rescaled to mean 1), in ``[0, B-1]``
 ``log_mean_weight``       :math:`\log\frac1B\sum_i w_i` (``~0`` when the weights are
-                          unbiased; the normaliser ``chi2`` divides out)
+                          unbiased; ``chi2`` does not depend on it)
 ``frac_above_tis_cap``    fraction of trajectories with :math:`w_i > c` (``tis_cap=c``)
 ``length_mean/min/max``   response lengths :math:`L_i`
 ========================  =============================================================
@@ -57,14 +57,16 @@ holds this bound per quantile (0 where exact). The result does not depend on how
 the batch is split across ranks.
 
 **Distributed.** With a process group, each rank builds one float64 row of these
-statistics (``G * (17 + 3 * bins)`` numbers, ``G = 1 +`` the number of lag buckets;
-7.8 KB without lags at the default resolution, 86 KB with the 10 default lag buckets) and the ranks all-gather it once;
-every rank merges the rows in rank order, so all ranks get bit-identical results.
+statistics (``G * (17 + 3 * bins)`` numbers, ``G = 1 +`` the number of lag
+buckets: 7.8 KB without lags at the default resolution, 86 KB with the 10
+default lag buckets) and the ranks all-gather it once; every rank merges the
+rows in rank order, so all ranks get bit-identical results.
 Local batches may differ in size and may be empty. Every rank must pass ``lag``
 (possibly empty) or none, the same ``lag_buckets`` and resolution.
 
-**No host sync.** The function issues no device-to-host read (with a CPU/gloo
-group the reduction itself moves the row to the CPU). Invalid values (NaN/Inf log
+**No host sync.** The function issues no device-to-host read and no
+host-to-device copy (with a CPU/gloo group the reduction itself moves the row to
+the CPU; a CUDA test checks this with ``torch.cuda.set_sync_debug_mode``). Invalid values (NaN/Inf log
 probs at response positions, a mask that is not 0/1, negative lags, different
 ``tis_cap`` on different ranks) do not raise here: they make every field NaN on
 every rank, and :meth:`OffPolicyStats.as_dict` (the point where values are read)
@@ -78,7 +80,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -169,7 +171,8 @@ class OffPolicyStats:
     #: ``[world, 6]`` header rows (problem counts per rank), read by :meth:`check`.
     problems: Tensor | None = field(default=None, repr=False)
 
-    _SCALARS = (
+    #: The scalar fields, in the order :meth:`as_dict` reports them.
+    FIELDS: ClassVar[tuple[str, ...]] = (
         "n_sequences",
         "n_tokens",
         "ess_ratio",
@@ -230,7 +233,7 @@ class OffPolicyStats:
             ValueError: invalid input (see :meth:`check`) or an empty global batch.
         """
         self.check()
-        names = [n for n in self._SCALARS if getattr(self, n) is not None]
+        names = [n for n in self.FIELDS if getattr(self, n) is not None]
         parts = [getattr(self, n).reshape(1) for n in names]
         lag = self.by_lag
         if lag is not None:

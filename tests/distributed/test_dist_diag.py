@@ -49,7 +49,7 @@ def stats_dict(stats) -> dict[str, torch.Tensor]:
     from vcpo_optim.diagnostics import OffPolicyStats
 
     out = {}
-    for name in (*OffPolicyStats._SCALARS, "quantile_error"):
+    for name in (*OffPolicyStats.FIELDS, "quantile_error"):
         if getattr(stats, name) is not None:
             out[name] = getattr(stats, name)
             if stats.by_lag is not None:
