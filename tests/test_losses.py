@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import pytest
 import torch
 from hypothesis import given, settings
@@ -342,3 +343,435 @@ def test_sum_of_vector_matches_batch_loss(b: int, t: int, agg: str, seed: int) -
     else:
         ref = tok.sum() / mask.sum().clamp(min=1)
     assert torch.allclose(vec.sum(), ref, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- precision (issue 8.3)
+
+
+def _bf16_policy_batch(
+    b: int, t: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 learner log-probs, float32 sampler log-probs, ragged response mask."""
+    gen = torch.Generator().manual_seed(seed)
+    confident = torch.rand(b, t, generator=gen) < 0.7
+    e = torch.empty(b, t, dtype=torch.float64).exponential_(1.0, generator=gen)
+    old = torch.where(confident, -1e-3 * e, -2.0 * e).to(torch.float32)
+    new = (old.double() + 0.05 * torch.randn(b, t, generator=gen, dtype=torch.float64)).clamp(max=0)
+    mask = torch.arange(t)[None, :] < torch.randint(t // 2, t + 1, (b, 1), generator=gen)
+    return new.to(torch.bfloat16), old, mask
+
+
+def _fsum_log_weights(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded sum_t mask (new - old) per row (math.fsum of the exact terms)."""
+    out = []
+    for i in range(new.shape[0]):
+        m = mask[i]
+        terms = new[i][m].double().tolist() + [-v for v in old[i][m].double().tolist()]
+        out.append(math.fsum(terms))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t", [1024, 8192])
+def test_sequence_log_weights_bf16_policy_is_exact(t: int) -> None:
+    """bf16 logp_new and float32 logp_old: the log weight is the float64 sum (was off by ~0.3 nats)."""
+    new, old, mask = _bf16_policy_batch(8, t, seed=t)
+    lw = L.sequence_log_weights(new, old, mask)
+    ref = _fsum_log_weights(new, old, mask)
+    torch.testing.assert_close(lw.double(), ref, rtol=0, atol=1e-10)
+    assert lw.dtype == torch.float64
+    # the mean (GSPO) form is the same sum divided by the length
+    lw_mean = L.sequence_log_weights(new, old, mask, reduce="mean")
+    torch.testing.assert_close(lw_mean, ref / mask.sum(1), rtol=1e-15, atol=0)
+
+
+def test_importance_weights_from_low_precision_log_weights() -> None:
+    """bf16 log weights are exact inputs; the weights are computed in at least float32."""
+    lw = torch.tensor([0.5, -1.25, 3.0, 2.0], dtype=torch.bfloat16)
+    exact = torch.tensor([0.5, -1.25, 3.0, 2.0], dtype=torch.float64).exp()
+    for mode in ("is", "tis", "mis"):
+        w = L.importance_weights(lw, mode, c=8.0)  # type: ignore[arg-type]
+        ref = exact.clone()
+        if mode == "tis":
+            ref = ref.clamp(max=8.0)
+        elif mode == "mis":
+            ref = torch.where(ref > 8.0, torch.zeros_like(ref), ref)
+        torch.testing.assert_close(w.double(), ref, rtol=2e-7, atol=0)
+        assert w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("agg", L.AGGREGATIONS)
+def test_per_sample_loss_of_bf16_logp_is_float32_and_grad_reaches_bf16(agg: str) -> None:
+    """The surrogate of a bf16 policy is summed in float32; the gradient still flows to bf16 logp."""
+    new, _, mask = _bf16_policy_batch(6, 1024, seed=1)
+    logp = new.clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(2)
+    adv = torch.randn(6, generator=gen, dtype=torch.float32)
+    w = torch.rand(6, generator=gen, dtype=torch.float64) * 3
+    loss = L.per_sample_pg_loss(logp, mask, adv, w, agg)  # type: ignore[arg-type]
+    # float64 reference on the same (bf16-valued) inputs
+    lp = new.double() * mask
+    lengths = mask.sum(1).double()
+    coef = -(adv.double() * w)
+    if agg == "seq-mean-token-mean":
+        ref = coef * lp.sum(1) / lengths / 6
+        g_ref = (coef / lengths / 6)[:, None] * mask
+    elif agg == "seq-mean-token-sum":
+        ref = coef * lp.sum(1) / 6
+        g_ref = (coef / 6)[:, None] * mask
+    else:
+        ref = coef * lp.sum(1) / lengths.sum()
+        g_ref = (coef / lengths.sum())[:, None] * mask
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    assert loss.dtype == torch.float32
+    (g,) = torch.autograd.grad(loss.sum(), logp)
+    assert g.dtype == torch.bfloat16
+    # the bf16 gradient is the token coefficient rounded to bf16 (within half a bf16 ulp)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2**-8, atol=0)
+
+
+def test_advantages_of_bf16_rewards_are_exact() -> None:
+    """Group sums of bf16 rewards ran in bf16 (integers above 256 are not representable)."""
+    gen = torch.Generator().manual_seed(0)
+    r = (torch.rand(1200, generator=gen) < 0.3).to(torch.bfloat16)
+    g = torch.arange(1200) % 2
+    r64 = r.double()
+    for fn in (L.grpo_advantages, L.rloo_advantages):
+        a = fn(r, g)
+        ref = fn(r64, g)
+        torch.testing.assert_close(a.double(), ref, rtol=1e-6, atol=1e-6)
+        assert a.dtype == torch.float32
+    a = L.reinforce_advantages(r, 0.3)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), r64 - 0.3, rtol=0, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- masking rules (issue 11.2)
+
+
+def _extreme_pair(b: int = 6, t: int = 9, seed: int = 0):
+    """float64 log-probs with padding holding garbage and token log ratios up to |1e3|."""
+    gen = torch.Generator().manual_seed(seed)
+    old = -3 * torch.rand(b, t, generator=gen)
+    x = 0.8 * torch.randn(b, t, generator=gen)
+    x[0, 1], x[1, 2], x[2, 0], x[3, 3] = 1000.0, -1000.0, 700.0, -0.6931471805599453
+    new = old + x
+    mask = torch.rand(b, t, generator=gen) > 0.25
+    mask[0, 1] = mask[1, 2] = mask[2, 0] = True
+    mask[4] = False  # no response token
+    new = torch.where(mask, new, torch.full_like(new, float("nan")))
+    old = torch.where(mask, old, torch.full_like(old, -float("inf")))
+    return new, old, mask
+
+
+def _rows(new, old, mask):
+    """Per row, the list of exact token log ratios (Python floats) of the response tokens."""
+    return [
+        [float(new[i, j]) - float(old[i, j]) for j in range(new.shape[1]) if mask[i, j]]
+        for i in range(new.shape[0])
+    ]
+
+
+def test_token_log_ratios_and_gspo_mean() -> None:
+    new, old, mask = _extreme_pair()
+    x = L.token_log_ratios(new, old, mask)
+    assert x.dtype == torch.float64 and torch.equal(x[~mask], torch.zeros_like(x[~mask]))
+    rows = _rows(new, old, mask)
+    mean = L.sequence_log_weights(new, old, mask, reduce="mean")
+    for i, r in enumerate(rows):
+        assert float(mean[i]) == pytest.approx(math.fsum(r) / len(r) if r else 0.0, rel=1e-15)
+    with pytest.raises(ValueError, match="unknown reduce"):
+        L.sequence_log_weights(new, old, mask, reduce="max")  # type: ignore[arg-type]
+
+
+def test_icepop_mask_hand_reference() -> None:
+    new, old, mask = _extreme_pair()
+    keep = L.icepop_mask(new, old, mask, low=0.5, high=5.0)
+    assert keep.dtype == torch.bool and not keep[~mask].any()
+    for i in range(new.shape[0]):
+        for j in range(new.shape[1]):
+            if mask[i, j]:
+                x = float(new[i, j]) - float(old[i, j])
+                r = mpmath.exp(x)
+                assert bool(keep[i, j]) == (0.5 <= r <= 5.0), (i, j, x)
+    assert not keep[0, 1] and not keep[1, 2] and not keep[2, 0]  # log r = 1e3, -1e3, 700
+    with pytest.raises(ValueError, match="low <= high"):
+        L.icepop_mask(new, old, mask, low=2.0, high=1.0)
+
+
+def _k_stat(estimator: str, x: float):
+    x = mpmath.mpf(x)
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return x * x / 2
+    return mpmath.exp(x) - 1 - x
+
+
+@pytest.mark.parametrize("estimator", L.REJECTION_ESTIMATORS)
+@pytest.mark.parametrize("level", L.REJECTION_LEVELS)
+def test_rejection_mask_hand_reference(estimator: str, level: str) -> None:
+    new, old, mask = _extreme_pair(b=8, t=7, seed=1)
+    upper, lower = (2.0, 0.6) if estimator == "k1" else (0.35, None)
+    keep = L.rejection_mask(
+        new, old, mask, estimator=estimator, level=level, upper=upper, lower=lower
+    )  # type: ignore[arg-type]
+
+    def passes(s) -> bool:
+        if estimator == "k1":
+            return mpmath.log(lower) <= s <= mpmath.log(upper)
+        return s <= upper
+
+    rows = _rows(new, old, mask)
+    if level == "token":
+        assert keep.shape == mask.shape and not keep[~mask].any()
+        for i in range(new.shape[0]):
+            js = [j for j in range(new.shape[1]) if mask[i, j]]
+            for j, x in zip(js, rows[i]):
+                assert bool(keep[i, j]) == passes(_k_stat(estimator, x)), (i, j, x)
+        return
+    assert keep.shape == (new.shape[0],)
+    for i, r in enumerate(rows):
+        stats = [_k_stat(estimator, x) for x in r]
+        if level == "seq-max":
+            want = all(passes(s) for s in stats)
+        else:
+            total = mpmath.fsum(stats) if stats else mpmath.mpf(0)
+            want = passes(total / len(stats) if (level == "seq-mean" and stats) else total)
+        assert bool(keep[i]) == want, (i, r)
+
+
+def test_rejection_geometric_mean_and_k1_default_lower() -> None:
+    new = torch.tensor([[0.0, -1.0, -2.0], [0.0, 0.0, 0.0]])
+    old = torch.tensor([[-1.0, -1.0, -1.5], [-0.1, -0.1, -0.1]])  # x = [1, 0, -0.5], [0.1] * 3
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    geo = L.rejection_mask(new, old, mask, estimator="k1", level="seq-mean", upper=1.2)
+    # geometric means exp(1/6) = 1.18 and exp(0.1) = 1.105, both in [1/1.2, 1.2]
+    assert geo.tolist() == [True, True]
+    assert L.rejection_mask(
+        new, old, mask, estimator="k1", level="seq-mean", upper=1.1
+    ).tolist() == [False, False]
+    assert L.rejection_mask(new, old, mask, estimator="k1", level="token", upper=2.0).tolist() == [
+        [False, True, True],
+        [True, True, True],
+    ]
+    for kw, match in (
+        ({"estimator": "k5", "upper": 1.0}, "unknown estimator"),
+        ({"level": "seq", "upper": 1.0}, "unknown level"),
+        ({"estimator": "k2", "upper": 1.0, "lower": 0.5}, "lower must be None"),
+        ({"estimator": "k3", "upper": -1.0}, "upper must be >= 0"),
+        ({"estimator": "k1", "upper": 2.0, "lower": 3.0}, "ratio bounds"),
+        ({"estimator": "k1", "upper": float("inf")}, "finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            L.rejection_mask(new, old, mask, **kw)  # type: ignore[arg-type]
+
+
+def _m2po_loop(x, mask, tau, adv=None):
+    """Algorithm 1 of the M2PO paper, literally: remove argmax while the mean exceeds tau."""
+    b, t = len(x), len(x[0])
+    cand = [
+        (i * t + j)
+        for i in range(b)
+        for j in range(t)
+        if mask[i][j]
+        and (adv is None or (adv[i] > 0 and x[i][j] > 0) or (adv[i] < 0 and x[i][j] < 0))
+    ]
+    q = {k: x[k // t][k % t] ** 2 for k in cand}
+    keep = [[bool(mask[i][j]) for j in range(t)] for i in range(b)]
+    live = list(cand)
+    while live and math.fsum(q[k] for k in live) / len(live) > tau:
+        top = max(q[k] for k in live)
+        k = min(k for k in live if q[k] == top)  # argmax: first occurrence in [B, T] order
+        live.remove(k)
+        keep[k // t][k % t] = False
+    return keep
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=1, max_value=8),
+    st.sampled_from([0.0, 0.01, 0.04, 0.3]),
+    st.booleans(),
+    st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_m2po_mask_matches_algorithm_1(b, t, tau, use_adv, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # quantised log ratios produce ties; a few extreme ones
+    x = torch.round(torch.randn(b, t, generator=gen) * 4) / 10
+    x = torch.where(torch.rand(b, t, generator=gen) < 0.05, x * 1e3, x)
+    old = -torch.rand(b, t, generator=gen)
+    new = old + x
+    mask = torch.rand(b, t, generator=gen) > 0.3
+    adv = torch.randn(b, generator=gen) if use_adv else None
+    keep = L.m2po_mask(new, old, mask, tau, advantages=adv)
+    xx = L.token_log_ratios(new, old, mask).tolist()
+    ref = _m2po_loop(xx, mask.tolist(), tau, None if adv is None else adv.tolist())
+    assert keep.tolist() == ref
+
+
+def test_m2po_rule_and_validation() -> None:
+    # q = [0, 0.01, 0.09, 0.25]: mean 0.0875 > 0.04; drop 0.25 -> mean 0.0333 <= 0.04
+    x = torch.tensor([[0.0, 0.1, -0.3, 0.5]])
+    old = torch.zeros(1, 4)
+    keep = L.m2po_mask(x, old, torch.ones(1, 4, dtype=torch.bool))
+    assert keep.tolist() == [[True, True, True, False]]
+    # trust region (paper): with A < 0 only the x < 0 token is a candidate (q = 0.09 > 0.04)
+    ones = torch.ones(1, 4)
+    keep = L.m2po_mask(x, old, ones, 0.04, advantages=torch.tensor([-1.0]))
+    assert keep.tolist() == [[True, True, False, True]]
+    assert L.m2po_mask(x, old, ones, 0.1, advantages=torch.tensor([-1.0])).all()
+    # with A > 0 the candidates are 0.1 and 0.5: mean 0.13 > 0.04, drop 0.5
+    keep = L.m2po_mask(x, old, ones, 0.04, advantages=torch.tensor([2.0]))
+    assert keep.tolist() == [[True, True, True, False]]
+    # every candidate above tau: all of them go
+    assert not L.m2po_mask(torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2), torch.ones(1, 2)).any()
+    with pytest.raises(ValueError, match="tau"):
+        L.m2po_mask(x, old, torch.ones(1, 4), -1.0)
+    with pytest.raises(ValueError, match="advantages has 2 entries"):
+        L.m2po_mask(x, old, torch.ones(1, 4), advantages=torch.ones(2))
+
+
+def test_token_weights_compose_masks_with_sequence_weights() -> None:
+    new, old, mask = _extreme_pair(b=5, t=6, seed=2)
+    logp = new.clone().requires_grad_(True)
+    keep = L.icepop_mask(new, old, mask)
+    lw = L.sequence_log_weights(new, old, keep)
+    w = L.importance_weights(lw, "tis", c=4.0)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.0])
+    loss = L.per_sample_pg_loss(logp, mask, adv, w, "seq-mean-token-mean", token_weights=keep)
+    lengths = mask.sum(1).clamp(min=1)
+    ref = -(w * adv) * torch.where(keep, new, 0.0).sum(1) / lengths / 5
+    torch.testing.assert_close(loss, ref, rtol=1e-14, atol=0)
+    (g,) = torch.autograd.grad(loss.sum(), logp)
+    assert torch.isfinite(g).all()  # padding held NaN
+    assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+    # token-level IcePop weights r_t on the kept tokens
+    u = torch.where(keep, L.token_log_ratios(new, old, mask).exp(), 0.0)
+    u[~mask] = float("nan")  # padding may hold anything
+    loss2 = L.per_sample_pg_loss(logp, mask, adv, None, "token-mean", token_weights=u)
+    ref2 = -adv * torch.where(keep, u * new, 0.0).sum(1) / mask.sum()
+    torch.testing.assert_close(loss2, ref2, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="negative"):
+        L.per_sample_pg_loss(logp, mask, token_weights=-torch.ones_like(new))
+    with pytest.raises(ValueError, match="shape"):
+        L.per_sample_pg_loss(logp, mask, token_weights=torch.ones(5))
+
+
+def test_gspo_sequence_mean_gradient_identity() -> None:
+    """weights exp(mean_t log r) with seq-mean-token-mean give GSPO's unclipped gradient."""
+    torch.manual_seed(1)
+    b, t, v = 4, 5, 3
+    theta = torch.randn(t, v, requires_grad=True)
+    tokens = torch.randint(0, v, (b, t))
+    mask = torch.rand(b, t) > 0.3
+    mask[:, 0] = True
+
+    def token_logp() -> torch.Tensor:
+        return torch.log_softmax(theta, -1).gather(1, tokens.T).T
+
+    old = (token_logp() + 0.2 * torch.randn(b, t)).detach()
+    adv = torch.randn(b)
+    out = L.off_policy_pg_loss(token_logp(), old, mask, adv, is_mode="is", reduce="mean")
+    (g,) = torch.autograd.grad(out.per_sample_loss.sum(), theta)
+    expected = torch.zeros_like(theta)
+    for i in range(b):
+        lp = token_logp()[i][mask[i]]
+        s_i = math.exp((lp - old[i][mask[i]]).mean().item())
+        (gi,) = torch.autograd.grad(lp.mean(), theta)
+        expected += -(s_i * adv[i].item() / b) * gi
+    torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- ESS-targeted cap (11.3)
+
+
+def _mp_ratio(lw: list[float], log_c) -> mpmath.mpf:
+    w = [mpmath.exp(min(mpmath.mpf(x), log_c)) for x in lw]
+    return mpmath.fsum(w) ** 2 / mpmath.fsum(v * v for v in w) / len(w)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.floats(min_value=-40.0, max_value=40.0, allow_nan=False, allow_infinity=False),
+        min_size=1,
+        max_size=40,
+    ),
+    st.floats(min_value=0.01, max_value=1.0),
+)
+def test_ess_cap_is_the_largest_feasible_cap(lw: list[float], rho: float) -> None:
+    """The target holds at c (to rounding) and fails just above it (in exact arithmetic)."""
+    mpmath.mp.dps = 50
+    log_c = L.ess_truncation_cap(torch.tensor(lw, dtype=torch.float64), rho)
+    assert log_c.dtype == torch.float64
+    if math.isinf(float(log_c)):
+        assert float(log_c) > 0 and _mp_ratio(lw, mpmath.inf) >= rho * (1 - 1e-12)
+        return
+    c = mpmath.mpf(float(log_c))
+    assert min(lw) <= float(log_c) <= max(lw)
+    assert _mp_ratio(lw, c) >= rho * (1 - 1e-12)
+    assert _mp_ratio(lw, c + mpmath.mpf("1e-9")) < rho
+    # and the float64 ESS the optimizer computes agrees
+    from vcpo_optim import effective_sample_size
+
+    capped = torch.minimum(torch.tensor(lw, dtype=torch.float64), log_c)
+    assert float(effective_sample_size(log_weights=capped).ratio) >= rho * (1 - 1e-12)
+
+
+def test_ess_cap_cases_and_errors() -> None:
+    lw = torch.tensor([1.0, 0.3, -2.0, 5.0, 0.0, 0.1], dtype=torch.float64)
+    assert float(L.ess_truncation_cap(lw, 1.0)) == -2.0  # all equal to the smallest
+    assert math.isinf(float(L.ess_truncation_cap(lw, 1 / 6)))
+    assert math.isinf(float(L.ess_truncation_cap(torch.zeros(4), 1.0)))
+    # huge log weights: log space throughout
+    big = torch.tensor([1e4, 1e4 - 1.0, 1e4 - 50.0, -1e4], dtype=torch.float64)
+    c = float(L.ess_truncation_cap(big, 0.9))
+    assert math.isfinite(c) and float(_mp_ratio(big.tolist(), mpmath.mpf(c))) == pytest.approx(0.9)
+    # a mask drops entries (their values may be anything)
+    m = torch.tensor([True, True, False, True, True, True])
+    bad = lw.clone()
+    bad[2] = float("nan")
+    assert float(L.ess_truncation_cap(bad, 0.7, mask=m)) == float(L.ess_truncation_cap(lw[m], 0.7))
+    # the optimizer-facing path
+    w = L.importance_weights(lw, "tis", ess_target=0.7)
+    torch.testing.assert_close(w, lw.clamp(max=float(L.ess_truncation_cap(lw, 0.7))).exp())
+    w2 = L.importance_weights(lw, "tis", 2.0, ess_target=0.7)
+    torch.testing.assert_close(w2, lw.clamp(max=math.log(2.0)).exp())
+    for args, match in (
+        ((lw, 0.0), "target_ratio"),
+        ((lw, 1.5), "target_ratio"),
+        ((torch.tensor([0.0, float("nan")]), 0.5), "1 NaN"),
+        ((torch.tensor([0.0, float("inf")]), 0.5), "1 infinite"),
+        ((torch.zeros(0), 0.5), "empty batch"),
+        ((torch.zeros(3, dtype=torch.long), 0.5), "floating-point"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            L.ess_truncation_cap(*args)
+    with pytest.raises(ValueError, match="mask has shape"):
+        L.ess_truncation_cap(lw, 0.5, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs mode='tis'"):
+        L.importance_weights(lw, "mis", ess_target=0.5)
+    with pytest.raises(ValueError, match="overflow"):
+        L.importance_weights(
+            torch.tensor([800.0, 800.0], dtype=torch.float64), "tis", ess_target=0.5
+        )
+
+
+def test_k3_and_its_log_to_float64_accuracy() -> None:
+    """K3 = expm1(x) - x without cancellation (tiny |x|) or overflow of its log (huge x)."""
+    mpmath.mp.dps = 50
+    xs = [1e-300, -1e-200, 1e-12, -3e-9, 1e-5, -3e-3, 0.1, -0.49, 0.5, 0.51, -0.51, 1.0]
+    xs += [-2.0, 30.0, -1000.0, 700.0, 709.0]
+    x = torch.tensor(xs, dtype=torch.float64)
+    k3, log_k3 = L._k3(x), L._log_k3(x)
+    for i, v in enumerate(xs):
+        with mpmath.workdps(1300):  # enough digits for the cancellation at |x| = 1e-300
+            ref = mpmath.exp(v) - 1 - v
+            log_ref = float(mpmath.log(ref))
+        assert float(k3[i]) == pytest.approx(float(ref), rel=1e-15, abs=0), v  # 0 if < 1e-308
+        assert float(log_k3[i]) == pytest.approx(log_ref, rel=1e-15, abs=1e-15), v
+    big = torch.tensor([710.0, 1000.0, 5e4], dtype=torch.float64)
+    assert torch.isinf(L._k3(big)).all()  # beyond float64: +inf, which any threshold rejects
+    torch.testing.assert_close(L._log_k3(big), big, rtol=1e-15, atol=0)  # log K3 = x + log1p(..)
+    assert float(L._log_k3(torch.zeros(1, dtype=torch.float64))) == -math.inf
