@@ -1,0 +1,5 @@
+"""Integrations with training frameworks.
+
+Each submodule imports its framework lazily (only when the submodule itself is
+imported); this package imports nothing.
+"""
