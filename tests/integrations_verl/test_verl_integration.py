@@ -342,3 +342,14 @@ def test_nan_behaviour_log_prob_is_refused_at_step(model_dir: Path) -> None:
             _train(actor, S.to_engine_batch(tensors, actor.engine, global_batch_size=4))
     after = S.params_of(actor.engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_model_output_without_log_probs_is_refused(model_dir: Path) -> None:
+    """A value model (the critic) or distillation_only: nothing to weight, so refuse loudly."""
+    actor = S.build_actor(S.compose(model_dir, S.VCPO_OVERRIDES))
+    _, td = _on_policy_batch(actor)
+    calls = []
+    wrapped = vv._ObservingLoss(lambda **kw: calls.append(kw), actor.engine.optimizer)
+    with pytest.raises(ValueError, match="no 'log_probs'"):
+        wrapped(model_output={"values": torch.zeros(4)}, data=td, dp_group=None)
+    assert calls == []  # refused before verl's loss runs
