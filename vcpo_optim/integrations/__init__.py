@@ -5,4 +5,6 @@ Each submodule imports its framework when it is imported, never before:
 
 - :mod:`vcpo_optim.integrations.trl`: ``VCPOGRPOTrainer``, a drop-in
   ``trl.GRPOTrainer``.
+- :mod:`vcpo_optim.integrations.verl`: the ``optimizer_impl`` module verl's
+  ``build_optimizer`` imports by config (feeds the FSDP engine's log weights).
 """
