@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,30 @@ def test_python_dash_m_help() -> None:
     )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--lags" in proc.stdout
+
+
+def test_missing_demo_extra_prints_one_line_and_fails(tmp_path: Path) -> None:
+    # A sitecustomize that makes the [demo] extra unimportable, as on a plain `pip install .`.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['matplotlib'] = None\nsys.modules['tqdm'] = None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "vcpo_optim.demo", "--quick", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert 'pip install "vcpo-optim[demo]"' in lines[0]
+    assert "matplotlib and tqdm" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing was started
+    # --help needs neither
+    proc = subprocess.run(
+        [sys.executable, "-m", "vcpo_optim.demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0 and "--quick" in proc.stdout
