@@ -213,14 +213,16 @@ def test_last_stats_contents() -> None:
     stats = opt.last_stats
     assert stats is not None and stats.observed
     ref = effective_sample_size(w)
-    assert float(stats.ess) == float(ref.ess) == 36.0 / 18.0
-    assert float(stats.ess_ratio) == 0.5 and int(stats.n) == 4
+    assert float(stats.ess) == float(ref.ess)  # the same code path
+    # exp(log(1) - log(4)) is within an ulp of 1/4, depending on the CPU's vector exp
+    assert math.isclose(float(stats.ess), 36.0 / 18.0, rel_tol=1e-15)
+    assert math.isclose(float(stats.ess_ratio), 0.5, rel_tol=1e-15) and int(stats.n) == 4
     assert math.isclose(float(stats.lr_scale), math.sqrt(0.5), rel_tol=1e-15)
     assert [float(x) for x in stats.lrs] == pytest.approx(
         [0.1 * math.sqrt(0.5), 0.05 * math.sqrt(0.5)], rel=1e-15
     )
     logged = stats.as_dict()
-    assert logged["vcpo/ess_ratio"] == 0.5 and "vcpo/lr_group1" in logged
+    assert logged["vcpo/ess_ratio"] == float(stats.ess_ratio) and "vcpo/lr_group1" in logged
     opt.step()
     assert not opt.last_stats.observed
     assert float(opt.last_stats.lr_scale) == 1.0 and math.isnan(float(opt.last_stats.ess))
@@ -459,7 +461,7 @@ def test_closure_is_called_once_and_may_observe() -> None:
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and calls == [True]
-    assert float(opt.last_stats.lr_scale) == 0.5
+    assert math.isclose(float(opt.last_stats.lr_scale), 0.5, rel_tol=1e-15)
 
 
 def test_state_dict_round_trip_and_bitwise_resume() -> None:
@@ -617,10 +619,12 @@ def test_group_rule_names_and_added_groups_are_validated() -> None:
     )
     loss_fn(model, batches(1)[0]).backward()
     opt.step(importance_weights=w)
-    assert [float(s) for s in opt.last_stats.lr_scales] == [0.5, math.sqrt(0.5)]
+    # torch's pow(0.5, 0.5) and math.sqrt(0.5) may differ in the last bit (CPU vector paths)
+    got = [float(s) for s in opt.last_stats.lr_scales]
+    assert got == pytest.approx([0.5, math.sqrt(0.5)], rel=1e-15, abs=0)
     opt.add_param_group({"params": params[2:3], "ess_power": "linear"})
     opt.step(importance_weights=w)
-    assert float(opt.last_stats.lr_scales[2]) == 0.5
+    assert math.isclose(float(opt.last_stats.lr_scales[2]), 0.5, rel_tol=1e-15)
     with pytest.raises(ValueError, match="min_lr_scale"):
         opt.add_param_group({"params": params[3:4], "min_lr_scale": 2.0})
     with pytest.raises(ValueError, match="power"):
@@ -646,7 +650,8 @@ def test_per_group_configuration() -> None:
     groups[1]["base_ess_ratio"] = 0.25
     opt = VCPOAdamW(groups, lr=0.1)
     opt.step(importance_weights=torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert [float(s) for s in opt.last_stats.lr_scales] == [0.5, 1.0]
+    got = [float(s) for s in opt.last_stats.lr_scales]
+    assert got == pytest.approx([0.5, 1.0], rel=1e-15, abs=0)  # pow(0.25, 0.5): CPU-dependent ulp
 
 
 def test_apex_fused_adam_if_available() -> None:
@@ -1111,7 +1116,7 @@ def test_unknown_optimizers_need_assume_lr_linear() -> None:
     model = make_model()
     opt = cls(model.parameters(), lr=0.1, weight_decay=0.0)
     opt.step(importance_weights=torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert float(opt.last_stats.lr_scale) == 0.5
+    assert math.isclose(float(opt.last_stats.lr_scale), 0.5, rel_tol=1e-15)
     assert type(pickle.loads(pickle.dumps(opt))) is cls
     # its decay kind is unknown: keeping lr * wd fixed is refused
     with pytest.raises(ValueError, match="not known"):
