@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell echo $(TORCH_PIN) | tr -c 'a-zA-Z0-9.\n' _)
 
-.PHONY: venv test demo quick lint bench clean
+.PHONY: venv test demo quick lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py
 	$(PY) benchmarks/bench_opob.py
+
+# Mutation testing before a release (not CI): one pytest run per mutation in tools/mutations.py.
+mutate: $(STAMP)
+	$(PY) tools/mutate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out demo_out_quick
