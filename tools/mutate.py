@@ -41,12 +41,16 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_
 
 
 def pytest_cmd(selection: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection]
+    # A fixed hypothesis seed makes the score reproducible: the same examples for every mutant.
+    opts = ["-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0"]
+    return [sys.executable, "-m", "pytest", *opts, *selection]
 
 
 def run_tests(scratch: Path, selection: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
     """Run ``selection`` in ``scratch``: ``("pass" | "fail" | "timeout" | "error", seconds, tail)``."""
     env = {**os.environ, "PYTHONPATH": str(scratch), "OMP_NUM_THREADS": "1"}
+    # No example database: a failure found on one mutant must not be replayed on the next.
+    shutil.rmtree(scratch / ".hypothesis", ignore_errors=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
