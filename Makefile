@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell echo $(TORCH_PIN) | tr -c 'a-zA-Z0-9.\n' _)
 
-.PHONY: venv test demo quick lint bench clean venv-verl test-verl
+.PHONY: venv test demo quick lint bench mutate clean venv-verl test-verl
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check vcpo_optim tests examples benchmarks
-	$(PY) -m ruff format --check vcpo_optim tests examples benchmarks
+	$(PY) -m ruff check vcpo_optim tests examples benchmarks tools
+	$(PY) -m ruff format --check vcpo_optim tests examples benchmarks tools
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -35,8 +35,8 @@ quick: $(STAMP)
 	$(PY) -m vcpo_optim.demo --quick --out demo_out_quick
 
 lint: $(STAMP)
-	$(PY) -m ruff check vcpo_optim tests examples benchmarks
-	$(PY) -m ruff format --check vcpo_optim tests examples benchmarks
+	$(PY) -m ruff check vcpo_optim tests examples benchmarks tools
+	$(PY) -m ruff format --check vcpo_optim tests examples benchmarks tools
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py
@@ -66,6 +66,10 @@ venv-verl: $(VERL_STAMP)
 
 test-verl: $(VERL_STAMP)
 	VCPO_VERL_TESTS=1 $(VERL_PY) -m pytest -q tests/integrations_verl
+
+# Mutation testing before a release (not CI): one pytest run per mutation in tools/mutations.py.
+mutate: $(STAMP)
+	$(PY) tools/mutate.py
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build *.egg-info demo_out demo_out_quick

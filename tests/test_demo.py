@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,13 +158,35 @@ def test_cli_parsing_and_errors(tmp_path: Path) -> None:
         parse_args(["--lags", "a,b"])
 
 
-def test_python_dash_m_help() -> None:
+def no_demo_extra_env(tmp_path: Path) -> dict[str, str]:
+    """An environment where the [demo] extra is unimportable, as after a plain `pip install .`."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['matplotlib'] = None\nsys.modules['tqdm'] = None\n"
+    )
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+def test_python_dash_m_help_needs_no_demo_extra(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vcpo_optim.demo", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
+        env=no_demo_extra_env(tmp_path),
         check=False,
     )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--lags" in proc.stdout
+
+
+def test_missing_demo_extra_prints_one_line_and_fails(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "vcpo_optim.demo", "--quick", "--out", str(tmp_path / "out")]
+    env = no_demo_extra_env(tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert 'pip install "vcpo-optim[demo]"' in lines[0]
+    assert "matplotlib and tqdm" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing was started

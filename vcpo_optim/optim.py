@@ -50,6 +50,48 @@ _RULES: dict[str, float] = {"sqrt": 0.5, "linear": 1.0}
 _CONFIG_KEYS = ("base_ess_ratio", "min_lr_scale", "scale_weight_decay", "ess_power")
 
 
+def _optim_classes(*names: str) -> list[type[Optimizer]]:
+    """The named ``torch.optim`` classes this torch version has (Muon and Adafactor are recent)."""
+    return [
+        getattr(torch.optim, n) for n in names if isinstance(getattr(torch.optim, n, None), type)
+    ]
+
+
+# torch.optim classes whose update is verified to be proportional to lr (tests/test_optim.py
+# checks each: from the same state, a step at lr * s moves the parameters exactly s times as
+# far as a step at lr and leaves the same optimizer state), with the kind of their weight decay:
+#   "coupled":   an L2 term wd * p added to the gradient (it enters the optimizer state);
+#   "decoupled": p *= 1 - lr * wd, outside the gradient;
+#   "flag":      decoupled iff the group's "decoupled_weight_decay" is True;
+#   "none":      no weight decay.
+_LR_LINEAR: dict[type[Optimizer], str] = {
+    torch.optim.SGD: "coupled",
+    torch.optim.Adam: "flag",
+    torch.optim.AdamW: "decoupled",
+    torch.optim.RAdam: "flag",
+    torch.optim.NAdam: "flag",
+    torch.optim.Adamax: "coupled",
+    torch.optim.Adagrad: "coupled",
+    torch.optim.Adadelta: "coupled",
+    torch.optim.RMSprop: "coupled",
+    torch.optim.SparseAdam: "none",
+    **{cls: "decoupled" for cls in _optim_classes("Muon")},
+}
+
+# torch.optim classes whose update does not scale with lr: ess_scaled() refuses them.
+_NOT_LR_LINEAR: dict[str, str] = {
+    "LBFGS": "LBFGS re-evaluates its closure many times inside one step; a per-step lr scale "
+    "from importance weights is not defined for it",
+    "Rprop": "Rprop reads lr only to initialise its per-parameter step sizes on the first step; "
+    "later steps ignore lr, so a scaled lr would be reported but not applied (and a low-ESS "
+    "first step would shrink every later step)",
+    "ASGD": "ASGD computes its step size eta from lr at the end of a step and uses it on the "
+    "next one, so a scale would act on the wrong step and stay in the optimizer state",
+    "Adafactor": "Adafactor's relative step size is min(lr, 1/sqrt(step)), which does not scale "
+    "with lr once lr > 1/sqrt(step)",
+}
+
+
 @dataclass
 class ESSStepStats:
     """Statistics of the last optimizer step (``optimizer.last_stats``).
@@ -122,6 +164,43 @@ def _check_config(config: dict[str, Any]) -> None:
     _resolve_power(config["ess_power"])
 
 
+def _check_decay(group: dict[str, Any], cls: type[Optimizer], decay_kind: str) -> None:
+    """Refuse ``scale_weight_decay=False`` where the decay is not known to be decoupled.
+
+    ``scale_weight_decay=False`` runs the step with ``weight_decay / scale`` so that
+    ``lr * weight_decay`` is unchanged. That is exact for decoupled decay
+    (``p *= 1 - lr * wd``), which touches no optimizer state. Coupled (L2) decay adds
+    ``wd * p`` to the gradient, so ``wd / scale`` would enter the momentum buffer or the
+    second moments and act on later, full-lr steps: there is no correct meaning for it.
+    A tensor ``weight_decay`` counts as nonzero (reading it would sync).
+    """
+    if group.get("scale_weight_decay", True) is not False:
+        return
+    wd = group.get("weight_decay")
+    if wd is None or (not isinstance(wd, Tensor) and wd == 0):
+        return
+    if decay_kind == "decoupled" or (
+        decay_kind == "flag" and group.get("decoupled_weight_decay", False) is True
+    ):
+        return
+    name = cls.__name__
+    if decay_kind in ("coupled", "flag"):
+        fix = " or decoupled_weight_decay=True" if decay_kind == "flag" else ""
+        raise ValueError(
+            f"scale_weight_decay=False with weight_decay={wd!r} is refused for {name}: its "
+            "weight decay is coupled (an L2 term wd * p added to the gradient), so keeping "
+            "lr * wd fixed would put wd / scale into the gradient and from there into the "
+            "optimizer state (momentum, second moments), where it acts on later steps. Use "
+            f"scale_weight_decay=True (the decay then scales with the lr like the gradient){fix}, "
+            "or a decoupled-decay optimizer such as AdamW"
+        )
+    raise ValueError(
+        f"scale_weight_decay=False with weight_decay={wd!r} is refused for {name}: it is "
+        "only defined for decoupled weight decay (p *= 1 - lr * wd), and whether "
+        f"{name}'s decay is decoupled is not known. Use scale_weight_decay=True"
+    )
+
+
 def _unhooked(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Strip torch's step-hook wrapper, so the base step's hooks don't fire twice."""
     while getattr(fn, "hooked", False):
@@ -137,6 +216,7 @@ class _ESSScaling:
 
     _ess_base: type[Optimizer]
     _ess_default_power: float = 0.5
+    _ess_decay: str = "unknown"  # the base's weight decay kind, see _LR_LINEAR
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
 
@@ -170,10 +250,10 @@ class _ESSScaling:
         for group in self.param_groups:
             for key, value in config.items():
                 group.setdefault(key, value)
-            _check_config(group)
-            group["ess_power"] = _resolve_power(group["ess_power"])  # "sqrt" -> 0.5
+        self._check_groups()
         self.process_group = process_group
         self._vcpo_pending: list[_Pending] = []
+        self._vcpo_in_step = False
         self.last_stats: ESSStepStats | None = None
 
     # ------------------------------------------------------------------ state
@@ -187,6 +267,7 @@ class _ESSScaling:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_vcpo_pending", [])
+        self.__dict__["_vcpo_in_step"] = False
         self.__dict__.setdefault("last_stats", None)
         fallback = {
             "base_ess_ratio": 1.0,
@@ -207,13 +288,42 @@ class _ESSScaling:
         # A class made by ess_scaled(): rebuild it from its base and rule.
         return (_rebuild, (cls._ess_base, cls._ess_default_power), self.__getstate__())
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if a (complete) param group's configuration is invalid."""
+        _check_config(group)
+        _check_decay(group, self._ess_base, self._ess_decay)
+
+    def _check_groups(self) -> None:
+        """Validate every param group (cheap, host-only); normalise rule names to powers."""
+        for group in self.param_groups:
+            self._check_group(group)
+            group["ess_power"] = _resolve_power(group["ess_power"])  # "sqrt" -> 0.5
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``Optimizer.add_param_group``; also validates the group's ESS configuration."""
+        """``Optimizer.add_param_group``; also validates the group's ESS configuration.
+
+        The group is validated with the optimizer's defaults filled in, before it is added.
+        """
         if isinstance(param_group, dict) and all(key in self.defaults for key in _CONFIG_KEYS):
-            _check_config({key: param_group.get(key, self.defaults[key]) for key in _CONFIG_KEYS})
+            self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)  # type: ignore[misc]
         group = self.param_groups[-1]
         if "ess_power" in group:
+            group["ess_power"] = _resolve_power(group["ess_power"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``; validates the saved groups' ESS configuration first.
+
+        Groups saved without the ESS keys (a plain torch optimizer's state dict) take
+        this optimizer's defaults. Nothing changes if a saved group is invalid.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list):
+            for saved in groups:
+                if isinstance(saved, dict):
+                    self._check_group({**self.defaults, **saved})
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group in self.param_groups:
             group["ess_power"] = _resolve_power(group["ess_power"])
 
     # ---------------------------------------------------------------- observe
@@ -226,10 +336,18 @@ class _ESSScaling:
     ) -> None:
         r"""Add one micro-batch's importance weights to the current step.
 
-        The step's ESS uses everything observed since the last ``step()`` (or
-        ``zero_grad()``, which starts a new accumulation window and drops
-        what was observed, so that a step skipped by ``GradScaler`` does not
-        leak its weights into the next one).
+        The step's ESS uses everything observed since the last ``step()`` or
+        ``zero_grad()``: like the gradient, the window accumulates over
+        micro-batches. ``zero_grad()`` called *outside* ``step()`` starts a new
+        window and drops what was observed, so the weights of a step that
+        ``GradScaler`` skipped (it does not call ``optimizer.step()``) do not
+        leak into the next one. ``zero_grad()`` called from a closure *inside*
+        ``step()`` does not: see :meth:`step`. ``model.zero_grad()`` does not
+        know about the window: after a skipped step it leaves the skipped
+        batch's weights in it. With ``GradScaler`` either start each step with
+        ``optimizer.zero_grad()``, or pass the weights through
+        ``scaler.step(optimizer, log_weights=lw)``, which a skipped step never
+        sees.
 
         Args:
             importance_weights: :math:`w_i \ge 0`, any shape. Default ``None``.
@@ -262,8 +380,13 @@ class _ESSScaling:
         self._vcpo_pending.append(_Pending(row, summary))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``Optimizer.zero_grad``; also drops weights observed since the last step."""
-        self._vcpo_pending = []
+        """``Optimizer.zero_grad``; outside ``step()`` it also drops the observed weights.
+
+        Called by a closure while ``step()`` runs it, it only zeroes the gradients:
+        the weights observed for the step in progress count for that step.
+        """
+        if not getattr(self, "_vcpo_in_step", False):
+            self._vcpo_pending = []
         super().zero_grad(set_to_none)  # type: ignore[misc]
 
     # ------------------------------------------------------------------- step
@@ -310,7 +433,7 @@ class _ESSScaling:
         for group in self.param_groups:
             if observed:
                 ratio = result.ratio / float(group["base_ess_ratio"])
-                scale = ratio.clamp(max=1.0).pow(float(group["ess_power"]))
+                scale = ratio.clamp(max=1.0).pow(_resolve_power(group["ess_power"]))
                 scale = scale.clamp(min=float(group["min_lr_scale"]))
             else:
                 scale = torch.ones((), dtype=torch.float64, device=total.device)
@@ -348,20 +471,44 @@ class _ESSScaling:
         once over the process group. If nothing was observed (on any rank) the
         step is the base optimizer's step. ``group["lr"]`` (float or tensor) and
         ``group["weight_decay"]`` are restored before this returns or raises.
+
+        Closures: the weights passed here, the weights observed before this
+        call and the weights the closure observes all count for this step. A
+        closure's ``optimizer.zero_grad()`` (the torch.optim convention) zeroes
+        the gradients only; it does not drop the step's weights. Each set of
+        weights counts as often as it is observed, so pass a micro-batch's
+        weights once (here, or with :meth:`observe`, or in the closure).
+
+        If this raises (bad weights, an empty window, a failing closure or base
+        step), the observation window is left as it was before the call: the
+        weights passed to this call are not kept for the next step.
         """
-        if importance_weights is not None or log_weights is not None:
-            self.observe(importance_weights, log_weights=log_weights, mask=mask)
-        elif mask is not None:
-            raise ValueError("step() got a mask but no importance_weights or log_weights")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        stats = self._step_statistics()  # validates; nothing has changed yet
+        self._check_groups()  # a group edited in place since the last step
+        window = list(self._vcpo_pending)
+        try:
+            if importance_weights is not None or log_weights is not None:
+                self.observe(importance_weights, log_weights=log_weights, mask=mask)
+            elif mask is not None:
+                raise ValueError("step() got a mask but no importance_weights or log_weights")
+            loss = None
+            if closure is not None:
+                self._vcpo_in_step = True
+                try:
+                    with torch.enable_grad():
+                        loss = closure()
+                finally:
+                    self._vcpo_in_step = False
+            stats = self._step_statistics()  # validates; nothing has changed yet
+        except BaseException:
+            self._vcpo_pending = window
+            raise
         saved = [(group, group["lr"], group.get("weight_decay")) for group in self.param_groups]
         try:
             lrs = self._apply_scales(stats)
             type(self)._ess_base_step(self)
+        except BaseException:
+            self._vcpo_pending = window
+            raise
         finally:
             for group, lr, weight_decay in saved:
                 group["lr"] = lr
@@ -418,44 +565,14 @@ class _ESSScaling:
 
 
 def _rebuild(base: type[Optimizer], power: float) -> Any:
-    cls = ess_scaled(base, power)
+    cls = _scaled_class(base, power)  # checked when the pickled instance was made
     return cls.__new__(cls)
 
 
 _CACHE: dict[tuple[type[Optimizer], float], type[Optimizer]] = {}
 
 
-def ess_scaled(optimizer_cls: type[Optimizer], rule: str | float = "sqrt") -> type[Optimizer]:
-    r"""Build an ESS-scaled subclass of any ``torch.optim.Optimizer`` class.
-
-    The returned class takes every argument of ``optimizer_cls`` plus the
-    keywords ``base_ess_ratio=1.0``, ``min_lr_scale=0.0``,
-    ``scale_weight_decay=True``, ``ess_power=None`` (the rule's power) and
-    ``process_group=None``, and adds :meth:`observe`, ``step(...,
-    importance_weights=None, log_weights=None)`` and ``last_stats``; see
-    :class:`VCPOAdamW` for their meaning. Classes are cached: the same
-    ``(optimizer_cls, rule)`` gives the same class. Works with
-    ``apex.optimizers.FusedAdam`` when apex is importable.
-
-    Args:
-        optimizer_cls: a ``torch.optim.Optimizer`` subclass whose param groups
-            carry ``"lr"``.
-        rule: ``"sqrt"`` (default; :math:`p = 1/2`, for Adam-family
-            optimizers), ``"linear"`` (:math:`p = 1`, for SGD) or a positive
-            power :math:`p`.
-    """
-    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
-        raise TypeError(
-            f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
-        )
-    if issubclass(optimizer_cls, _ESSScaling):
-        raise TypeError(f"{optimizer_cls.__name__} is already ESS-scaled")
-    if issubclass(optimizer_cls, torch.optim.LBFGS):
-        raise TypeError(
-            "LBFGS re-evaluates its closure many times inside one step; a per-step lr scale "
-            "from importance weights is not defined for it"
-        )
-    power = _resolve_power(rule)
+def _scaled_class(optimizer_cls: type[Optimizer], power: float) -> type[Optimizer]:
     key = (optimizer_cls, power)
     if key not in _CACHE:
         name = f"ESSScaled{optimizer_cls.__name__}"
@@ -465,6 +582,7 @@ def ess_scaled(optimizer_cls: type[Optimizer], rule: str | float = "sqrt") -> ty
             {
                 "_ess_base": optimizer_cls,
                 "_ess_default_power": power,
+                "_ess_decay": _LR_LINEAR.get(optimizer_cls, "unknown"),
                 "_ess_base_step": staticmethod(_unhooked(optimizer_cls.step)),
                 "__module__": __name__,
                 "__qualname__": name,
@@ -474,14 +592,104 @@ def ess_scaled(optimizer_cls: type[Optimizer], rule: str | float = "sqrt") -> ty
     return _CACHE[key]
 
 
+def _supported_names() -> str:
+    return ", ".join(cls.__name__ for cls in _LR_LINEAR)
+
+
+def ess_scaled(
+    optimizer_cls: type[Optimizer],
+    rule: str | float = "sqrt",
+    *,
+    assume_lr_linear: bool = False,
+) -> type[Optimizer]:
+    r"""Build an ESS-scaled subclass of a ``torch.optim.Optimizer`` class.
+
+    The returned class takes every argument of ``optimizer_cls`` plus the
+    keywords ``base_ess_ratio=1.0``, ``min_lr_scale=0.0``,
+    ``scale_weight_decay=True``, ``ess_power=None`` (the rule's power) and
+    ``process_group=None``, and adds :meth:`observe`, ``step(...,
+    importance_weights=None, log_weights=None)`` and ``last_stats``; see
+    :class:`VCPOAdamW` for their meaning. Classes are cached: the same
+    ``(optimizer_cls, rule)`` gives the same class.
+
+    ESS scaling multiplies the step's ``lr`` by the scale, so it is only
+    meaningful for an optimizer whose update is proportional to ``lr``: from
+    the same state, a step at ``lr * s`` must move the parameters exactly
+    ``s`` times as far as a step at ``lr`` and leave the same optimizer state.
+
+    - **Supported** (verified, each tested): ``SGD``, ``Adam``, ``AdamW``,
+      ``RAdam``, ``NAdam``, ``Adamax``, ``Adagrad``, ``Adadelta``,
+      ``RMSprop``, ``SparseAdam`` and, where torch has it, ``Muon`` (the exact
+      classes; a subclass counts as unknown).
+    - **Refused** (``TypeError``): ``Rprop`` (reads ``lr`` only to initialise
+      its step sizes), ``ASGD`` (its step size from ``lr`` acts on the next
+      step), ``Adafactor`` (step size ``min(lr, 1/sqrt(t))``) and ``LBFGS``
+      (many closure evaluations per step), and their subclasses.
+    - **Anything else** (``apex.optimizers.FusedAdam``, your own optimizer, a
+      subclass of a supported class) raises ``TypeError`` unless you pass
+      ``assume_lr_linear=True``, stating that its update is ``lr`` times a
+      function of the gradients and of an ``lr``-independent state. Its weight
+      decay then counts as of unknown kind, so ``scale_weight_decay=False``
+      is refused for it (see below).
+
+    ``scale_weight_decay=False`` (keep ``lr * weight_decay`` unchanged) is only
+    defined for decoupled decay: ``AdamW``, ``Muon``, and ``Adam`` / ``RAdam`` /
+    ``NAdam`` with ``decoupled_weight_decay=True``. With coupled (L2) decay,
+    which adds ``wd * p`` to the gradient and so to the optimizer state, it
+    raises ``ValueError`` at construction, in ``add_param_group``,
+    ``load_state_dict`` and ``step``.
+
+    Args:
+        optimizer_cls: a ``torch.optim.Optimizer`` subclass whose param groups
+            carry ``"lr"``.
+        rule: ``"sqrt"`` (default; :math:`p = 1/2`, for Adam-family
+            optimizers), ``"linear"`` (:math:`p = 1`, for SGD) or a positive
+            power :math:`p`.
+        assume_lr_linear: accept a class that is not in the supported list,
+            on your word that its update is proportional to ``lr``. Default
+            ``False``.
+
+    Raises:
+        TypeError: not an optimizer class, already ESS-scaled, refused, or
+            unknown without ``assume_lr_linear=True``.
+    """
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise TypeError(
+            f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}"
+        )
+    if issubclass(optimizer_cls, _ESSScaling):
+        raise TypeError(f"{optimizer_cls.__name__} is already ESS-scaled")
+    for refused in _optim_classes(*_NOT_LR_LINEAR):
+        if issubclass(optimizer_cls, refused):
+            raise TypeError(
+                f"ess_scaled({optimizer_cls.__name__}) is refused: "
+                f"{_NOT_LR_LINEAR[refused.__name__]}. Optimizers whose update scales with lr: "
+                f"{_supported_names()}"
+            )
+    if optimizer_cls not in _LR_LINEAR and assume_lr_linear is not True:
+        raise TypeError(
+            f"ess_scaled({optimizer_cls.__qualname__}): vcpo_optim has not verified that its "
+            "update is proportional to lr (a step at lr * s must move the parameters exactly "
+            "s times as far as a step at lr and leave the same optimizer state). Verified: "
+            f"{_supported_names()}. If {optimizer_cls.__name__}'s update is lr times a "
+            "function of the gradients and of an lr-independent state, pass "
+            "assume_lr_linear=True"
+        )
+    return _scaled_class(optimizer_cls, _resolve_power(rule))
+
+
 _COMMON_ARGS_DOC = r"""
         base_ess_ratio: :math:`\rho_\mathrm{base}` in ``(0, 1]``; steps with
             :math:`\rho \ge \rho_\mathrm{base}` run at the full lr. Default ``1.0``.
         min_lr_scale: floor of the lr multiplier, in ``[0, 1]``. Default ``0.0``.
         scale_weight_decay: if ``True`` (default, as the reference does) the
-            decoupled weight decay shrinks with the lr (``lr_eff * wd``); if
-            ``False`` the step uses ``wd / scale`` so ``lr * wd`` is unchanged
-            (this reads the scale on the host: one sync per step).
+            weight decay shrinks with the lr (``lr_eff * wd``); if ``False``
+            the step uses ``wd / scale`` so ``lr * wd`` is unchanged (with a
+            float ``weight_decay`` this reads the scale on the host: one sync
+            per step). ``False`` is only defined for decoupled decay (AdamW,
+            ``decoupled_weight_decay=True``): with coupled (L2) decay, which
+            enters the optimizer state through the gradient, a nonzero
+            ``weight_decay`` raises ``ValueError``.
         ess_power: override the rule's power :math:`p`. Default ``None``.
         process_group: data-parallel group to reduce the ESS statistics over.
             Default ``None``: the world group when ``torch.distributed`` is
@@ -526,6 +734,7 @@ class VCPOAdamW(_ESSScaling, torch.optim.AdamW):
 
     _ess_base = torch.optim.AdamW
     _ess_default_power = 0.5
+    _ess_decay = "decoupled"
     _ess_base_step = staticmethod(_unhooked(torch.optim.AdamW.step))
 
     def __init__(
@@ -573,8 +782,10 @@ class VCPOAdam(_ESSScaling, torch.optim.Adam):
         r"""Adam with ESS step scaling (sqrt rule); see :class:`VCPOAdamW`.
 
     Takes every argument of ``torch.optim.Adam`` (same defaults, e.g.
-    ``lr=1e-3, weight_decay=0``) plus the keywords below. Adam's weight decay
-    is an L2 term in the gradient, so it is scaled through the lr.
+    ``lr=1e-3, weight_decay=0, decoupled_weight_decay=False``) plus the
+    keywords below. Adam's weight decay is an L2 term in the gradient unless
+    ``decoupled_weight_decay=True``, so it is scaled through the lr, and
+    ``scale_weight_decay=False`` needs ``decoupled_weight_decay=True``.
 
     Args:"""
         + _COMMON_ARGS_DOC
@@ -583,6 +794,7 @@ class VCPOAdam(_ESSScaling, torch.optim.Adam):
 
     _ess_base = torch.optim.Adam
     _ess_default_power = 0.5
+    _ess_decay = "flag"
     _ess_base_step = staticmethod(_unhooked(torch.optim.Adam.step))
 
 
@@ -605,6 +817,7 @@ class VCPOSGD(_ESSScaling, torch.optim.SGD):
 
     _ess_base = torch.optim.SGD
     _ess_default_power = 1.0
+    _ess_decay = "coupled"
     _ess_base_step = staticmethod(_unhooked(torch.optim.SGD.step))
 
     def __init__(

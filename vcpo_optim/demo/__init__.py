@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -84,6 +85,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: Modules of the ``[demo]`` extra: the figure and the progress bar.
+DEMO_EXTRA: tuple[str, ...] = ("matplotlib", "tqdm")
+
+
+def missing_demo_modules() -> list[str]:
+    """The modules of the ``[demo]`` extra that cannot be imported."""
+    missing = []
+    for name in DEMO_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --help fast)
     from vcpo_optim.demo.arms import parse_arms
     from vcpo_optim.demo.pipeline import Config
@@ -120,6 +136,14 @@ def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --he
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
     args = parse_args(argv)
+    missing = missing_demo_modules()
+    if missing:
+        print(
+            f"vcpo-demo needs {' and '.join(missing)} (the [demo] extra): "
+            'pip install "vcpo-optim[demo]"',
+            file=sys.stderr,
+        )
+        return 1
     try:
         cfg = build_config(args)
     except ValueError as e:

@@ -1,0 +1,63 @@
+"""tools/mutate.py: a mutation whose snippet is not found is an error, never a silent skip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.fixture(scope="module")
+def mutate():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec = importlib.util.spec_from_file_location("vcpo_mutate_tool", TOOLS / "mutate.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(TOOLS))
+
+
+def test_check_and_apply(mutate, tmp_path: Path) -> None:
+    Mutation = mutate.Mutation
+    (tmp_path / "m.py").write_text("x = 1\ny = x + 1\nz = x + 1\n")
+    ok = Mutation("ok", "m.py", "x = 1", "x = 2", ("t",), "")
+    twice = Mutation("twice", "m.py", "x + 1", "x - 1", ("t",), "")
+    absent = Mutation("absent", "m.py", "w = 3", "w = 4", ("t",), "")
+    nofile = Mutation("nofile", "n.py", "x", "y", ("t",), "")
+    assert mutate.check(tmp_path, ok) is None
+    assert "2 times" in mutate.check(tmp_path, twice)
+    assert "0 times" in mutate.check(tmp_path, absent)
+    assert "does not exist" in mutate.check(tmp_path, nofile)
+    assert mutate.apply(tmp_path, twice) is not None
+    assert (tmp_path / "m.py").read_text() == "x = 1\ny = x + 1\nz = x + 1\n"  # untouched
+    assert mutate.apply(tmp_path, ok) is None
+    assert (tmp_path / "m.py").read_text() == "x = 2\ny = x + 1\nz = x + 1\n"
+
+
+def test_missing_snippet_is_an_error_and_nothing_runs(mutate, tmp_path, capsys) -> None:
+    bogus = mutate.Mutation(
+        "bogus", "vcpo_optim/ess.py", "this snippet is not in ess.py", "x", ("tests",), "moved"
+    )
+    out = tmp_path / "r.json"
+    assert mutate.main(["--json", str(out)], mutations=[bogus]) == 2
+    printed = capsys.readouterr().out
+    assert "ERROR" in printed and "0 times" in printed and "errors: bogus" in printed
+    assert json.loads(out.read_text())[0]["status"] == "ERROR"
+
+
+def test_the_mutation_list_is_well_formed(mutate) -> None:
+    ids = [m.id for m in mutate.MUTATIONS]
+    assert len(ids) == len(set(ids)) and len(ids) >= 30
+    for m in mutate.MUTATIONS:
+        assert m.original != m.replacement and m.tests and m.what
+        assert not m.file.startswith("vcpo_optim/opob/hook.py")  # being split; added later
+        for selection in m.tests:
+            assert (TOOLS.parent / selection.split("::")[0]).exists(), selection
