@@ -300,6 +300,23 @@ def s_fsdp_group_scope():
     return out
 
 
+def s_fsdp_empty_rank():
+    """FSDP2 with a rank without samples (it runs the forward on its empty batch, as FSDP2 needs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob import OPOB
+
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opob = OPOB(model, scope="batch", norm_by_std=True)
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    return run_opob(model, opob, opt, STEPS, (8, 0), _rank(), micro=2, cont=10.0)
+
+
 def s_fsdp_root_only():
     """fully_shard on the root only: the root keeps its parameters unsharded after forward."""
     from torch.distributed.fsdp import fully_shard
@@ -563,6 +580,15 @@ def test_fsdp2_equals_single_process(res):
     got = values(res, "fsdp_group_scope")
     assert set(got[0][0]["grad_types"]) == {"DTensor"}
     _compare(got, reference(scope="group"), SIZES)
+
+
+def test_fsdp2_with_an_empty_rank(res):
+    _compare(
+        values(res, "fsdp_empty_rank"),
+        reference(sizes=(8, 0), scope="batch", norm_by_std=True, cont=10.0),
+        (8, 0),
+        per_sample=False,
+    )
 
 
 def test_fsdp2_root_only_equals_single_process(res):

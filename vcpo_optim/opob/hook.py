@@ -416,24 +416,15 @@ class OPOB:
 
     def _backward_reduced(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
         """A call whose gradients are reduced (data parallel, FSDP2) or sharded (TP)."""
-        reducer, step = self._reducer, self._step
-        reducer.begin()
+        reducer = self._reducer
         swapped = []
         if reducer.tp_group is not None:
             swapped = reducer.swap_tp_params(self.model, self._params, self._names)
             self._tape.localize(red.local)  # inputs a TP style turned into DTensors
         try:
-            result = step.run(loss, rewards, groups)
-            if swapped:
-                # the step-boundary check looks at the real parameters' .grad
-                step.written = [reducer.real_param(p) for p in step.written]
+            return self._step.run(loss, rewards, groups)
         finally:
             reducer.restore_tp_params(swapped)
-            buffer = reducer.end()
-        reducer.flush(buffer)
-        if not step.written:
-            step.written = [p for p in reducer.order if p.grad is not None]
-        return result
 
     def _check_still_plain(self) -> None:
         """Refuse a model that was sharded or parallelized after OPOB was attached."""

@@ -193,9 +193,13 @@ class Tape:
 
     # ------------------------------------------------------------------ checks
 
-    def validate(self, b: int) -> None:
-        """Every record belongs to this batch of ``b`` samples and is unchanged since the forward."""
-        if not self.uses:
+    def validate(self, b: int, require_records: bool = True) -> None:
+        """Every record belongs to this batch of ``b`` samples and is unchanged since the forward.
+
+        ``require_records``: an empty tape is an error (a rank without samples
+        under a process group may have run no forward).
+        """
+        if not self.uses and require_records:
             raise ValueError(
                 "OPOB: no forward pass was recorded since the last backward (is the model in training "
                 "mode with grad enabled, and was the forward run after attaching OPOB?)"
