@@ -31,6 +31,7 @@ Extension points (not implemented yet):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +128,8 @@ class StepState:
     prev_k: float | Tensor = 0.0
     # batch scope: per parameter, sum_i r_i grad l_i and sum_i q_i grad l_i over the step
     sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    written: list[Tensor] = field(default_factory=list)  # parameters whose .grad OPOB wrote
+    # (parameter, its .grad, the grad's version) after OPOB's last write: the step boundary
+    marks: list[tuple[Tensor, Any, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +141,7 @@ class _Call:
     g: Tensor | None  # this rank's group ids (int64), or None
     sizes: list[int]  # number of local scopes of every rank
     ids_given: bool  # group ids were passed (by every rank with samples): split-group check
+    new_step: bool  # a new optimizer step started since the last call (agreed)
 
 
 class Step:
@@ -188,8 +191,41 @@ class Step:
         self.state = StepState()
 
     def _new_step(self) -> bool:
-        """Whether the gradients OPOB wrote in this step are gone (a new step started)."""
-        return any(p.grad is None for p in self.state.written)
+        """Whether a new optimizer step started since OPOB last wrote ``.grad``.
+
+        Read from the gradients OPOB wrote: one set to ``None`` or replaced by another
+        tensor (``zero_grad()``, ``p.grad = ...``) means their content is gone; one
+        changed in place (its version counter moved) and now all zero means
+        ``zero_grad(set_to_none=False)`` / ``p.grad.zero_()``. A gradient changed in
+        place to anything else is ambiguous (a reset followed by other gradients, or
+        clipping, or an auxiliary loss added mid-step): with ``scope="batch"``, whose
+        baseline correction relies on ``.grad`` still holding OPOB's earlier writes,
+        that is refused; ``scope="group"`` keeps the step.
+        """
+        st = self.state
+        changed = []
+        for p, ref, version in st.marks:
+            g = p.grad
+            if g is None or g is not ref():
+                return True
+            if g._version != version:
+                changed.append(p)
+        if not changed:
+            return False
+        if all(not bool(red.local(p.grad).any()) for p in changed):
+            return True
+        if self.cfg.scope == "batch" and st.sums:
+            names = [self.names.get(id(p), "?") for p in changed]
+            raise ValueError(
+                f"OPOB: the gradients of {names[:5]} were modified in place since OPOB's last "
+                "backward call of this optimizer step (they are neither what OPOB wrote nor zero), "
+                "so OPOB cannot tell whether a new step started: scope='batch' corrects the "
+                "gradient of the earlier calls as the step's baseline moves and needs them intact. "
+                "Call opob.finalize() when a new optimizer step starts (or zero gradients with "
+                "set_to_none=True), and clip or add other gradients only after the last "
+                "opob.backward() of the step."
+            )
+        return False
 
     @staticmethod
     def check_no_split_groups(new_ids: Tensor, seen: Tensor | None) -> None:
@@ -222,6 +258,11 @@ class Step:
         self, loss: Any, rewards: Any, groups: Any, empty_ok: bool
     ) -> tuple[int, Tensor, Tensor | None]:
         if not self.tape.attached:
+            if self.tape.replaced:
+                raise ValueError(
+                    "OPOB: this OPOB was detached because another OPOB was attached to the same "
+                    "model (each module is recorded by one OPOB); use the newer one"
+                )
             raise ValueError("OPOB: this OPOB was detached")
         if not isinstance(loss, Tensor):
             raise ValueError("OPOB: per_sample_loss must be a torch.Tensor")
@@ -265,8 +306,10 @@ class Step:
         shared = group is not None or self.reducer.tp_active()
         error: BaseException | None = None
         out: tuple[int, Tensor, Tensor | None] | None = None
+        new_step = False
         try:
             out = self._validate_local(loss, rewards, groups, empty_ok=group is not None)
+            new_step = self._new_step()
         except Exception as exc:
             if not shared:
                 raise
@@ -275,7 +318,8 @@ class Step:
         b, g = (out[0], out[2]) if out is not None else (0, None)
         kind = 0.0 if b == 0 or self.cfg.scope != "group" else (1.0 if g is not None else 2.0)
         n_local = 0 if b == 0 else (1 if g is None else int(torch.unique(g).numel()))
-        rows = red.agree(error, group, "invalid input", [float(b), float(n_local), kind])
+        payload = [float(b), float(n_local), kind, float(new_step)]
+        rows = red.agree(error, group, "invalid input", payload)
         assert out is not None
         if sum(x[0] for x in rows) == 0:
             raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
@@ -288,7 +332,7 @@ class Step:
                 "(groups=None makes the call one group, which cannot be merged with ids)"
             )
         sizes = [int(x[1]) for x in rows]
-        return _Call(out[0], out[1], out[2], sizes, bool(with_ids))
+        return _Call(out[0], out[1], out[2], sizes, bool(with_ids), any(x[3] for x in rows))
 
     # ------------------------------------------------------------------ scopes
 
@@ -401,7 +445,7 @@ class Step:
         cfg, reducer = self.cfg, self.reducer
         shared = group is not None or reducer.tp_active()  # failures must be agreed
         c = self._validate(loss, rewards, groups, group)  # collective 1
-        st = StepState() if self._new_step() else self.state  # read-only until the commit
+        st = StepState() if c.new_step else self.state  # read-only until the commit
         b, dev, dt = c.b, loss.device, self._dtype()
         r = c.r
         r_off, step_off = None, st.r_off
@@ -528,7 +572,9 @@ class Step:
                 seen = st.seen_groups
                 st.seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
             st.r_off = step_off
-            st.written = written
+            st.marks = [
+                (p, weakref.ref(p.grad), p.grad._version) for p in written if p.grad is not None
+            ]
             self.state = st
         return OPOBResult(sq_norms=sq, baselines=base, coefficients=coef)
 
@@ -624,7 +670,10 @@ class Step:
         for u in self.tape:
             gs = list(grads[pos : pos + len(u.edges)])
             pos += len(u.edges)
-            gs = [None if gr is None else gr.reshape(s) for gr, s in zip(gs, u.out_shapes)]
+            # a tensor-parallel module's own output is a DTensor: its gradient's local shard
+            gs = [
+                None if gr is None else red.local(gr).reshape(s) for gr, s in zip(gs, u.out_shapes)
+            ]
             if all(gr is None for gr in gs):
                 continue
             facs: dict[str, Factor]
@@ -649,6 +698,17 @@ class Step:
                         u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
                     )
                 except RuntimeError as e:
+                    if "random" in str(e):
+                        raise ValueError(
+                            f"OPOB: module '{u.name}' ({type(u.module).__name__}) draws random "
+                            "numbers in its forward (dropout in training mode). The exact vmap "
+                            "fallback replays the module once per sample and cannot reproduce the "
+                            "random mask the forward drew (torch.func's randomness='same' or "
+                            "'different' would draw new ones), so its per-sample gradients are "
+                            "undefined. Set its dropout to 0 (e.g. nn.TransformerEncoderLayer(..., "
+                            "dropout=0.0) or nn.MultiheadAttention(..., dropout=0.0)); dropout "
+                            "between modules (nn.Dropout) is fine. Nothing was changed."
+                        ) from e
                     raise ValueError(
                         f"OPOB: the exact torch.func (vmap) fallback failed for module '{u.name}' "
                         f"({type(u.module).__name__}): {e}. Register a per-sample rule for this "
