@@ -334,6 +334,13 @@ def test_opob_created_every_step_does_not_pile_up():
     assert not set(torch_optimizer._global_optimizer_post_hooks) - opt_hooks
 
 
+def _live_tapes():
+    from vcpo_optim.opob.tape import Tape
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Tape)
+
+
 def test_deepcopy_of_the_model_does_not_record_into_the_original():
     """Copying the policy (an old-policy snapshot) copies the hook dicts, not OPOB's attachment."""
     torch.manual_seed(0)
@@ -341,7 +348,11 @@ def test_deepcopy_of_the_model_does_not_record_into_the_original():
     x = torch.randn(4, 7, dtype=DT)
     r = torch.randn(4, dtype=DT)
     with OPOB(model) as opob:
+        model(x)  # a recorded forward is pending while the copy is taken
+        tapes = _live_tapes()
         snapshot = copy.deepcopy(model)
+        assert _live_tapes() == tapes  # no copy of the tape (and of its activations)
+        opob.clear()
         snapshot(torch.randn(6, 7, dtype=DT))  # grad enabled, training mode, another batch size
         assert opob.num_recorded == 0
         ref_n, _, _, ref_g = oracle(copy.deepcopy(snapshot), proj_loss(x), r, [0] * 4)

@@ -163,9 +163,19 @@ class Tape:
         self.attached = True
         self.handles: list[Any] = []
         self._specs: weakref.WeakKeyDictionary[nn.Module, _Spec] = weakref.WeakKeyDictionary()
+        self._bn: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._first: dict[int, int] = {}  # id(module) -> id of OPOB's forward hook on it
         self._via_global: dict[int, bool] = {}  # id(module) -> the global hook records this call
         _ATTACHED.add(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tape:
+        # copy.deepcopy(model) copies the hook dicts, and with them the bound methods of
+        # this tape: they must stay bound to this tape (which ignores modules it did not
+        # attach to), not to a copy that would record the copy's forwards and never free them.
+        return self
+
+    def __copy__(self) -> Tape:
+        return self
 
     def __len__(self) -> int:
         return len(self.uses)
@@ -196,10 +206,10 @@ class Tape:
 
     def attach_bn_check(self, name: str, module: nn.Module) -> None:
         """Refuse the module (a BatchNorm) if it is called in training mode while recording."""
-        self._specs.setdefault(module, _Spec(name, False, False))
+        self._bn.add(module)
 
         def check(mod: nn.Module, args: Any) -> None:
-            if mod in self._specs and self.recording(mod):
+            if mod in self._bn and self.recording(mod):
                 raise ValueError(
                     f"OPOB: BatchNorm module '{name}' is in training mode; it mixes samples through batch "
                     "statistics, so per-sample gradients are undefined. Use GroupNorm/LayerNorm or "
