@@ -144,3 +144,20 @@ def test_stats_inv_std_is_zero_for_equal_rewards_whose_spread_rounds_above_zero(
         None, torch.tensor([v, v, 0.2], dtype=torch.float64), torch.zeros(3, dtype=torch.long), 1
     )
     assert float(stats_inv_std(spread)[0]) > 1.0
+
+
+def test_scope_inv_std_is_zero_for_equal_rewards_whose_variance_rounds_above_zero():
+    """The per-sample twin: three rewards of 0.1 have a mean of 0.10000000000000002.
+
+    Three equal addends sum the same in any order, so the tiny positive variance
+    below is the same on every CPU; 1/std would then scale the scope by ~1e17.
+    """
+    r = torch.full((3,), 0.1, dtype=torch.float64)
+    m = r.sum() / 3
+    assert float(((r - m) ** 2).sum()) > 0  # the case this test is about
+    sid = torch.zeros(3, dtype=torch.long)
+    assert scope_inv_std(r, sid, 1).tolist() == [0.0]
+    # next to a scope with a spread, in one call
+    r2 = torch.cat([r, torch.tensor([0.1, 0.3], dtype=torch.float64)])
+    k = scope_inv_std(r2, torch.tensor([0, 0, 0, 1, 1]), 2)
+    assert k[0] == 0 and abs(float(k[1]) - 10.0) < 1e-9
