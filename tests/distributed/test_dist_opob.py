@@ -2,7 +2,9 @@
 
 Each scenario's per-rank norms, baselines, coefficients, gradients and
 post-step parameters are compared with single-process OPOB (+ VCPOAdamW) on
-the concatenated batch.
+the concatenated batch; DDP, FSDP2 and the accumulated batch scope are also
+compared with the per-sample oracle (one backward per sample, float64).
+Faults with a rank without samples are in ``test_dist_opob_faults.py``.
 """
 
 from __future__ import annotations
@@ -300,6 +302,23 @@ def s_fsdp_group_scope():
     return out
 
 
+def s_fsdp_empty_rank():
+    """FSDP2 with a rank without samples (it runs the forward on its empty batch, as FSDP2 needs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import VCPOAdamW
+    from vcpo_optim.opob import OPOB
+
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opob = OPOB(model, scope="batch", norm_by_std=True)
+    opt = VCPOAdamW(model.parameters(), lr=1e-2)
+    return run_opob(model, opob, opt, STEPS, (8, 0), _rank(), micro=2, cont=10.0)
+
+
 def s_fsdp_root_only():
     """fully_shard on the root only: the root keeps its parameters unsharded after forward."""
     from torch.distributed.fsdp import fully_shard
@@ -439,6 +458,60 @@ def _compare(got_ranks, ref, sizes, *, rtol=1e-9, per_sample=True):
             assert torch.equal(a, b), "replicas diverged"
 
 
+def _oracle_check(got_ranks, sizes, scopes_of, *, agg="mean", norm_by_std=False, per_call=True):
+    """Every rank's results against the per-sample oracle (one backward per sample, float64).
+
+    The oracle runs at the parameters each step started from (the initial model, then
+    the parameters rank 0 held after the previous step) on the concatenated batch.
+    """
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "opob"))
+    from opob_oracle import oracle
+
+    model = C.make_mlp(0)
+    for k, seed in enumerate(STEPS):
+        if k:
+            with torch.no_grad():
+                for p, v in zip(model.parameters(), got_ranks[0][k - 1]["params"]):
+                    p.copy_(v)
+        gb = _batch(seed, sizes, None)
+        n, b, c, g = oracle(
+            model,
+            lambda m, gb=gb: _surrogate(m, gb),
+            gb["reward"],
+            scopes_of(gb),
+            agg=agg,
+            norm_by_std=norm_by_std,
+        )
+        for rank, got in enumerate(got_ranks):
+            lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+            r = got[k]
+            torch.testing.assert_close(r["sq_norms"], n[lo:hi], rtol=1e-9, atol=1e-14)
+            if per_call:
+                torch.testing.assert_close(r["baselines"], b[lo:hi], rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(r["coefficients"], c[lo:hi], rtol=1e-9, atol=1e-12)
+            for (name, _), a in zip(model.named_parameters(), r["grads"]):
+                torch.testing.assert_close(a, g[name], rtol=1e-9, atol=1e-12)
+
+
+def test_ddp_and_fsdp2_equal_the_per_sample_oracle(res):
+    """Distributed OPOB against the exact loop, not only against single-process OPOB."""
+    groups = lambda gb: gb["groups"].tolist()  # noqa: E731
+    _oracle_check(values(res, "ddp_group_scope_split_groups"), SIZES, groups)
+    _oracle_check(values(res, "fsdp_group_scope"), SIZES, groups)
+    _oracle_check(
+        values(res, "ddp_median_norm_by_std"), SIZES, groups, agg="median", norm_by_std=True
+    )
+
+
+def test_ddp_batch_scope_accumulation_equals_the_per_sample_oracle(res):
+    batch = lambda gb: [0] * len(gb["x"])  # noqa: E731
+    got = values(res, "ddp_batch_scope_accumulation")
+    _oracle_check(got, SIZES, batch, per_call=False)  # gradients and norms; see the other test
+
+
 def test_ddp_group_scope_with_groups_split_across_ranks(res):
     _compare(values(res, "ddp_group_scope_split_groups"), reference(scope="group"), SIZES)
 
@@ -563,6 +636,15 @@ def test_fsdp2_equals_single_process(res):
     got = values(res, "fsdp_group_scope")
     assert set(got[0][0]["grad_types"]) == {"DTensor"}
     _compare(got, reference(scope="group"), SIZES)
+
+
+def test_fsdp2_with_an_empty_rank(res):
+    _compare(
+        values(res, "fsdp_empty_rank"),
+        reference(sizes=(8, 0), scope="batch", norm_by_std=True, cont=10.0),
+        (8, 0),
+        per_sample=False,
+    )
 
 
 def test_fsdp2_root_only_equals_single_process(res):

@@ -78,7 +78,7 @@ def _surrogate(model, batch):
     return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
 
 
-def _opob_run(scope: str, **kw):
+def _opob_run(scope: str, sizes=SIZES, **kw):
     from vcpo_optim import VCPOAdamW
     from vcpo_optim.opob import DistributedOPOB
 
@@ -95,9 +95,9 @@ def _opob_run(scope: str, **kw):
     opt = VCPOAdamW(model.parameters(), lr=1e-2, process_group=dp_group)
     out = []
     for seed in STEPS:
-        gb = C.global_batch(seed, SIZES)
+        gb = C.global_batch(seed, sizes)
         gb["groups"] = GROUPS
-        batch = C.local_slice(gb, SIZES, _dp_rank())
+        batch = C.local_slice(gb, sizes, _dp_rank())
         opt.zero_grad()
         r = opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
         grads = [_full(p.grad) for p in model.parameters()]
@@ -123,6 +123,63 @@ def s_tp_dp_opob_group():
 
 def s_tp_dp_opob_batch_std():
     return _opob_run("batch", norm_by_std=True)
+
+
+def s_tp_dp_opob_empty_replica():
+    """Data-parallel replica 1 (ranks 2, 3) has no samples; it runs the forward on an empty batch."""
+    return _opob_run("group", sizes=(8, 0))
+
+
+def _tp_fault(stage: str, failing_rank: int):
+    """One backward call in which a single global rank fails (replica 1 empty).
+
+    ``stage="norms"``: before the TP norm completion; ``"write"``: after the statistics
+    exchange, while writing the gradient. Returns how the call ended and whether .grad changed.
+    """
+    import torch.distributed as dist
+
+    from vcpo_optim import OPOB
+    from vcpo_optim.opob import engine
+
+    mesh = _mesh()
+    model = _tp_model(mesh)
+    opob = OPOB(
+        model,
+        process_group=mesh["dp"].get_group(),
+        tensor_parallel_group=mesh["tp"].get_group(),
+    )
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    snap = [_full(p.grad) for p in model.parameters()]
+    gb = C.global_batch(53, (8, 0))
+    gb["groups"] = GROUPS
+    batch = C.local_slice(gb, (8, 0), _dp_rank())
+    name = "sq_norms" if stage == "norms" else "weighted_sum"
+    orig = getattr(engine.ParamWork, name)
+
+    def broken(self, *a, **k):
+        if dist.get_rank() == failing_rank:
+            raise RuntimeError(f"injected failure in {name}")
+        return orig(self, *a, **k)
+
+    setattr(engine.ParamWork, name, broken)
+    try:
+        opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
+        raised = None
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    finally:
+        setattr(engine.ParamWork, name, orig)
+    same = all(torch.equal(_full(p.grad), s) for p, s in zip(model.parameters(), snap))
+    return {"raised": raised, "grads_same": same}
+
+
+def s_tp_fault_norms_on_one_tp_rank():
+    return _tp_fault("norms", 1)
+
+
+def s_tp_fault_write_on_one_tp_rank():
+    return _tp_fault("write", 0)
 
 
 HSDP_SIZES = (3, 2, 2, 1)
@@ -200,7 +257,7 @@ def test_fsdp_tp_2d_mesh_vcpo_adamw_equals_single_process(res):
     assert min(ref["lr_scale"]) < 0.9
 
 
-def _opob_reference(scope, **kw):
+def _opob_reference(scope, sizes=SIZES, **kw):
     from vcpo_optim import VCPOAdamW
     from vcpo_optim.opob import OPOB
 
@@ -209,7 +266,7 @@ def _opob_reference(scope, **kw):
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
     out = []
     for seed in STEPS:
-        b = C.global_batch(seed, SIZES)
+        b = C.global_batch(seed, sizes)
         opt.zero_grad()
         r = opob.backward(_surrogate(model, b), b["reward"], GROUPS)
         grads = [p.grad.clone() for p in model.parameters()]
@@ -225,10 +282,10 @@ def _opob_reference(scope, **kw):
     return out
 
 
-def _check_opob(got_ranks, ref):
+def _check_opob(got_ranks, ref, sizes=SIZES):
     for rank, got in enumerate(got_ranks):
         d = rank // TP
-        lo, hi = sum(SIZES[:d]), sum(SIZES[: d + 1])
+        lo, hi = sum(sizes[:d]), sum(sizes[: d + 1])
         for g, r in zip(got, ref):
             torch.testing.assert_close(
                 g["sq_norms"], r["res"].sq_norms[lo:hi], rtol=1e-9, atol=1e-14
@@ -252,6 +309,32 @@ def test_tp_x_dp_opob_group_scope_equals_single_process(res):
 
 def test_tp_x_dp_opob_batch_scope_std_equals_single_process(res):
     _check_opob(values(res, "tp_dp_opob_batch_std"), _opob_reference("batch", norm_by_std=True))
+
+
+def test_tp_x_dp_opob_with_an_empty_replica(res):
+    _check_opob(
+        values(res, "tp_dp_opob_empty_replica"),
+        _opob_reference("group", sizes=(8, 0)),
+        sizes=(8, 0),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "rank", "cause"),
+    [
+        ("tp_fault_norms_on_one_tp_rank", 1, "injected failure in sq_norms"),
+        ("tp_fault_write_on_one_tp_rank", 0, "injected failure in weighted_sum"),
+    ],
+)
+def test_a_failure_on_one_rank_of_the_mesh_reaches_every_rank(res, name, rank, cause):
+    got = values(res, name)
+    raised = [g["raised"] for g in got]
+    assert all(r is not None for r in raised), raised
+    assert len(set(raised)) == 1, raised  # the same error on all 4 ranks
+    kind, msg = raised[0]
+    assert kind == "ValueError" and cause in msg, msg
+    assert "tensor-parallel group" in msg and f"rank {rank % TP}" in msg, msg
+    assert all(g["grads_same"] for g in got)
 
 
 def test_hsdp_opob_equals_single_process(res):

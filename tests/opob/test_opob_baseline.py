@@ -113,3 +113,51 @@ def test_sufficient_statistics_match_per_sample_baselines(data, offset):
     rmax = torch.zeros(ns, dtype=torch.float64).scatter_reduce_(0, sid, r.abs(), "amax")
     rtol = 1e-9 + 1e-15 * rmax * want_k
     assert torch.all((got_k - want_k).abs() <= rtol * want_k), (got_k, want_k)
+
+
+def test_stats_inv_std_is_zero_for_equal_rewards_whose_spread_rounds_above_zero():
+    """Equal rewards must give k = 0 even when the moments say the variance is a tiny positive.
+
+    Rounding makes that happen (the mean of three 0.1 is not 0.1; per-rank means differ in
+    the last bit when merged), and 1/sqrt(1e-34) would then scale the scope by 1e17. The
+    rows are built by hand so that the case does not depend on the CPU's summation order.
+    """
+    from vcpo_optim.opob.baseline import merge_stats, scope_stats, stats_inv_std
+
+    v = 0.1
+    up = torch.nextafter(
+        torch.tensor(v, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    )
+    # one scope, three equal rewards, a rounded mean and a spread of ~1e-34
+    one = torch.tensor([[3.0, float(up), 5.8e-34, v, v, 0.0, 0.0]], dtype=torch.float64)
+    # the same rewards seen by two ranks whose means differ in the last bit, then merged
+    rows = torch.tensor(
+        [[1.0, v, 0.0, v, v, 0.0, 0.0], [6.0, float(up), 0.0, v, v, 0.0, 0.0]],
+        dtype=torch.float64,
+    )
+    merged = merge_stats(rows, torch.zeros(2, dtype=torch.long), 1)
+    assert float(merged[0, 2]) > 0  # the case this test is about: a positive spread
+    for rows_of_scope in (one, merged):
+        assert stats_inv_std(rows_of_scope).tolist() == [0.0]
+    # not constant: a genuine spread keeps its 1/std
+    spread = scope_stats(
+        None, torch.tensor([v, v, 0.2], dtype=torch.float64), torch.zeros(3, dtype=torch.long), 1
+    )
+    assert float(stats_inv_std(spread)[0]) > 1.0
+
+
+def test_scope_inv_std_is_zero_for_equal_rewards_whose_variance_rounds_above_zero():
+    """The per-sample twin: three rewards of 0.1 have a mean of 0.10000000000000002.
+
+    Three equal addends sum the same in any order, so the tiny positive variance
+    below is the same on every CPU; 1/std would then scale the scope by ~1e17.
+    """
+    r = torch.full((3,), 0.1, dtype=torch.float64)
+    m = r.sum() / 3
+    assert float(((r - m) ** 2).sum()) > 0  # the case this test is about
+    sid = torch.zeros(3, dtype=torch.long)
+    assert scope_inv_std(r, sid, 1).tolist() == [0.0]
+    # next to a scope with a spread, in one call
+    r2 = torch.cat([r, torch.tensor([0.1, 0.3], dtype=torch.float64)])
+    k = scope_inv_std(r2, torch.tensor([0, 0, 0, 1, 1]), 2)
+    assert k[0] == 0 and abs(float(k[1]) - 10.0) < 1e-9

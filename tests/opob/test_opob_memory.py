@@ -56,5 +56,9 @@ def test_memory_flat_over_1000_steps():
             step()
         assert _live_tensors() <= n_tensors
         assert len(gc.get_objects()) <= n_objects + 100
-        assert opob.num_recorded == 0 and not opob._step.sums and opob._step.seen_groups is None
+        assert (
+            opob.num_recorded == 0
+            and not opob._step.state.sums
+            and opob._step.state.seen_groups is None
+        )
         opob.detach()

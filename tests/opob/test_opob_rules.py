@@ -28,10 +28,13 @@ def _cases():
         ("layer_norm", nn.LayerNorm(6), rn(5, 3, 6) * 3 + 1),
         ("layer_norm_2d_shape", nn.LayerNorm((3, 6)), rn(5, 2, 3, 6)),
         ("layer_norm_nobias", nn.LayerNorm(6, bias=False), rn(5, 6)),
+        # a non-default eps must reach the rule: 1e-5 there would be ~10% off at this scale
+        ("layer_norm_eps", nn.LayerNorm(6, eps=0.3), rn(5, 3, 6) * 0.7),
         ("rms_norm", nn.RMSNorm(6), rn(5, 3, 6)),
         ("rms_norm_eps", nn.RMSNorm((2, 6), eps=1e-3), rn(5, 4, 2, 6)),
         ("group_norm", nn.GroupNorm(2, 6), rn(5, 6, 7)),
         ("group_norm_2d", nn.GroupNorm(3, 6), rn(5, 6, 3, 4)),
+        ("group_norm_eps", nn.GroupNorm(2, 6, eps=0.3), rn(5, 6, 7) * 0.7),
         ("conv1d", nn.Conv1d(3, 4, 3), rn(5, 3, 9)),
         (
             "conv1d_full",

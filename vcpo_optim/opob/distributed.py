@@ -121,17 +121,67 @@ def check_fsdp_layout(params: Any) -> None:
 # ----------------------------------------------------------------------------- agreement
 
 
+class NonFiniteNorms(ValueError):
+    """Per-sample gradient norms that overflowed (their own flag: a GradScaler overflow)."""
+
+
+#: Flag codes carried by the collectives: 0 nothing wrong, 1 an error, 2 non-finite norms.
+_CODE_ERROR, _CODE_NONFINITE = 1.0, 2.0
+
+#: The stage named by errors agreed after the first collective of a call.
+_WHAT = "error in the backward call"
+
+#: Longest cause text a rank sends to the others (only on the error path).
+_MAX_TEXT = 2000
+
+
+def flag_code(error: BaseException | None) -> float:
+    """The flag a rank contributes for its local ``error`` (0.0 when there is none)."""
+    if error is None:
+        return 0.0
+    return _CODE_NONFINITE if isinstance(error, NonFiniteNorms) else _CODE_ERROR
+
+
+def gather_text(text: str, group: Any) -> list[str]:
+    """Every rank's ``text`` (UTF-8, truncated), in rank order. Two collectives; error path only."""
+    data = text.encode("utf-8", errors="replace")[:_MAX_TEXT]
+    n = _dist.all_gather_rows(torch.tensor([float(len(data))], dtype=torch.float64), group)
+    sizes = [int(v) for v in n[:, 0].tolist()]
+    buf = torch.zeros(max(max(sizes), 1), dtype=torch.float64)
+    if data:
+        buf[: len(data)] = torch.tensor(list(data), dtype=torch.float64)
+    rows = _dist.all_gather_rows(buf, group)
+    return [
+        bytes(int(v) for v in rows[r, : sizes[r]].tolist()).decode("utf-8", errors="replace")
+        for r in range(len(sizes))
+    ]
+
+
 def agreed_error(
-    flags: list[float], error: BaseException | None, rank: int, what: str
+    flags: list[float],
+    error: BaseException | None,
+    group: Any,
+    what: str,
+    kind: str = "data-parallel",
 ) -> ValueError | None:
-    """The error every rank raises when some rank flagged ``what`` (``None`` if nobody did)."""
+    """The error every rank of ``group`` raises when some rank flagged a failure (``None`` if none did).
+
+    ``flags`` are every rank's codes (:func:`flag_code`), identical on every rank. When
+    one is set, the ranks exchange their causes (one more all-gather, only on this
+    path) so that every rank raises the *same* message, naming the ranks and their
+    causes. ``what`` names the stage; non-finite norms name themselves.
+    """
     bad = [r for r, f in enumerate(flags) if f]
     if not bad:
         return None
-    msg = f"OPOB: {what} on rank(s) {bad} of the data-parallel group"
-    if error is not None:
-        return ValueError(f"{msg}. On rank {rank}: {error}")
-    return ValueError(f"{msg} (see the error raised there); nothing was changed")
+    texts = gather_text("" if error is None else str(error), group)
+    if all(flags[r] == _CODE_NONFINITE for r in bad):
+        what = "non-finite per-sample gradient norms"
+    causes = "; ".join(f"rank {r}: {texts[r] or '(no message)'}" for r in bad)
+    return ValueError(
+        f"OPOB: {what} on rank(s) {bad} of the {kind} group; every rank raises this error and "
+        f"nothing was changed. {causes}"
+    )
 
 
 def agree(
@@ -149,12 +199,24 @@ def agree(
         if error is not None:
             raise error
         return [payload or []]
-    row = torch.tensor([0.0 if error is None else 1.0, *(payload or [])], dtype=torch.float64)
+    row = torch.tensor([flag_code(error), *(payload or [])], dtype=torch.float64)
     rows = _dist.all_gather_rows(row, group).tolist()
-    err = agreed_error([x[0] for x in rows], error, _dist.get_rank(group), what)
+    err = agreed_error([x[0] for x in rows], error, group, what)
     if err is not None:
         raise err from error
     return [x[1:] for x in rows]
+
+
+def agree_tp(error: BaseException | None, tp_group: Any | None) -> BaseException | None:
+    """Share a failure within the tensor-parallel group: afterwards every TP peer holds one or none.
+
+    Run before the data-parallel agreement of the same stage, so that on a
+    ``(dp, tp)`` mesh a failure anywhere reaches every rank (rows, then columns).
+    """
+    if tp_group is None or _dist.get_world_size(tp_group) <= 1:
+        return error
+    flags = _dist.all_gather_rows(torch.tensor([flag_code(error)], dtype=torch.float64), tp_group)
+    return agreed_error(flags[:, 0].tolist(), error, tp_group, _WHAT, "tensor-parallel") or error
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -192,24 +254,29 @@ ROW = 2 + N_STATS
 
 
 def exchange_rows(
-    ids: Tensor, stats: Tensor, sizes: list[int], group: Any, flag: bool, what: str
+    ids: Tensor,
+    stats: Tensor,
+    sizes: list[int],
+    group: Any,
+    error: BaseException | None,
+    what: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One padded all-gather of per-group rows plus an error flag; merge by id.
+    """One padded all-gather of per-group rows plus this rank's error flag; merge by id.
 
     Returns the sorted global ids, their merged stats (CPU float64, identical on
-    every rank) and the global index of each local scope. A flag on any rank makes
-    every rank raise the same ``ValueError`` (``what``).
+    every rank) and the global index of each local scope. A local ``error`` on any
+    rank makes every rank raise the same ``ValueError`` (``what``).
     """
-    m = max(sizes)
+    m = max(max(sizes), 1)
     buf = torch.zeros(1 + m * ROW, dtype=torch.float64)
-    buf[0] = float(flag)
+    buf[0] = flag_code(error)
     if ids.numel():
         rows_local = torch.cat([encode_ids(ids.cpu()), stats.cpu()], 1)
         buf[1 : 1 + rows_local.numel()] = rows_local.reshape(-1)
     got = _dist.all_gather_rows(buf.to(stats.device), group).cpu()
-    err = agreed_error(got[:, 0].tolist(), None, _dist.get_rank(group), what)
+    err = agreed_error(got[:, 0].tolist(), error, group, what)
     if err is not None:
-        raise err
+        raise err from error
     rows = torch.cat([got[r, 1:].view(m, ROW)[:n] for r, n in enumerate(sizes)])
     uniq, idx = torch.unique(decode_ids(rows[:, :2]), return_inverse=True)
     merged = merge_stats(rows[:, 2:], idx, uniq.numel())
@@ -217,13 +284,13 @@ def exchange_rows(
     return uniq, merged, loc2glob
 
 
-def gather_batch_stats(stats: Tensor, group: Any, flag: bool, what: str) -> Tensor:
+def gather_batch_stats(stats: Tensor, group: Any, error: BaseException | None, what: str) -> Tensor:
     """``scope="batch"``: all-gather one stats row per rank with an error flag; merged ``[1, N_STATS]``."""
-    buf = torch.cat([torch.tensor([float(flag)], dtype=torch.float64), stats.cpu()])
+    buf = torch.cat([torch.tensor([flag_code(error)], dtype=torch.float64), stats.cpu()])
     got = _dist.all_gather_rows(buf.to(stats.device), group).cpu()
-    err = agreed_error(got[:, 0].tolist(), None, _dist.get_rank(group), what)
+    err = agreed_error(got[:, 0].tolist(), error, group, what)
     if err is not None:
-        raise err
+        raise err from error
     return merge_stats(got[:, 1:], torch.zeros(got.shape[0], dtype=torch.long), 1)
 
 
@@ -273,40 +340,40 @@ class GradReducer:
         """No FSDP2, no TP and no data-parallel group: nothing to reduce."""
         return not self.fsdp and self.tp_group is None and self.dp_group() is None
 
+    def tp_active(self) -> bool:
+        return self.tp_group is not None and _dist.get_world_size(self.tp_group) > 1
+
     # ------------------------------------------------------------------ norms
 
     def complete_norms(
-        self, parts: list[tuple[Tensor, Tensor]], sq: Tensor, group: Any | None, uses_stats: bool
-    ) -> Tensor:
-        """Complete the per-sample norms over the TP group; agree on non-finite norms over DP.
+        self, parts: list[tuple[Tensor, Tensor]], sq: Tensor, error: BaseException | None
+    ) -> tuple[Tensor, BaseException | None]:
+        """Complete the per-sample norms over the TP group, sharing any local failure there.
 
         ``parts`` holds ``(param, n_i(param))`` for every parameter of the call, ``sq``
-        their sum. On the statistics path the non-finite flag rides in the
-        statistics collective instead.
+        their sum. Partial norms of sharded parameters are summed over the TP group,
+        replicated ones counted once. The TP peers' error flags ride in the same
+        all-reduce; returns the completed norms and the error this rank now holds
+        (its own, or the one every TP peer holds when a peer failed).
         """
-        if self.tp_group is not None and _dist.get_world_size(self.tp_group) > 1:
-            sharded = torch.zeros_like(sq)
-            replicated = torch.zeros_like(sq)
-            for p, n in parts:
-                if id(p) in self.sharded_ids:
-                    sharded += n
-                else:
-                    replicated += n
-            device = _dist.collective_device(self.tp_group, sharded.device)
-            total = sharded.to(device)
-            dist.all_reduce(total, group=self.tp_group)
-            sq = total.to(sq.device) + replicated
-        if group is None or uses_stats:
-            return (
-                sq  # the caller's check (statistics path: its flag column) covers non-finite norms
-            )
-        finite = bool(torch.isfinite(sq).all())
-        agree(
-            None if finite else ValueError("per-sample gradient norms are not finite"),
-            group,
-            "non-finite per-sample gradient norms",
-        )
-        return sq
+        if not self.tp_active():
+            return sq, error
+        sharded = torch.zeros_like(sq)
+        replicated = torch.zeros_like(sq)
+        for p, n in parts:
+            if id(p) in self.sharded_ids:
+                sharded += n
+            else:
+                replicated += n
+        world = _dist.get_world_size(self.tp_group)
+        flags = torch.zeros(world, dtype=sq.dtype, device=sq.device)
+        flags[_dist.get_rank(self.tp_group)] = flag_code(error)
+        device = _dist.collective_device(self.tp_group, sharded.device)
+        total = torch.cat([sharded, flags]).to(device)
+        dist.all_reduce(total, group=self.tp_group)
+        total = total.to(sq.device)
+        err = agreed_error(total[-world:].tolist(), error, self.tp_group, _WHAT, "tensor-parallel")
+        return total[:-world] + replicated, err or error
 
     # ------------------------------------------------------------------ gradients
 
@@ -318,6 +385,10 @@ class GradReducer:
         """Stop buffering; return what was buffered (``None`` if nothing was)."""
         buffer, self._buffer = self._buffer, None
         return buffer
+
+    @property
+    def buffering(self) -> bool:
+        return self._buffer is not None
 
     def write_grad(self, p: Tensor, contrib: Tensor) -> None:
         """Accumulate ``contrib`` (this call's share of ``sum_i c_i grad l_i``) for ``p``.
@@ -333,16 +404,23 @@ class GradReducer:
         c = contrib.detach()
         self._buffer[id(real)] = c.clone() if prev is None else prev + c
 
-    def flush(self, buffer: dict[int, Tensor] | None) -> None:
-        """Reduce the buffered contributions over the data-parallel group and write ``.grad``."""
-        if buffer is None:
-            return
+    def flush(self, buffer: dict[int, Tensor], error: BaseException | None) -> list[Tensor]:
+        """Reduce the buffered contributions over the data-parallel group and write ``.grad``.
+
+        The last agreement of a call: ``error`` (a failure on this rank since the
+        previous collective) is flagged to the TP peers first, then to the
+        data-parallel group inside the gradient all-reduce itself (one entry per
+        rank appended to the first bucket; a separate all-gather when there is no
+        plain bucket, e.g. FSDP2). On a flag every rank raises the same
+        ``ValueError`` and no ``.grad`` is written: all collectives complete before
+        the first write. Returns the parameters whose ``.grad`` was written (the
+        same on every rank).
+        """
+        error = agree_tp(error, self.tp_group)
         group = self.dp_group()
-        scale = (
-            1.0 / _dist.get_world_size(group)
-            if self.grad_reduction == "mean" and group is not None
-            else None
-        )
+        world = _dist.get_world_size(group)
+        rank = _dist.get_rank(group)
+        scale = 1.0 / world if self.grad_reduction == "mean" and group is not None else None
         plain: list[Tensor] = []
         fsdp: list[Tensor] = []
         for p in self.order:
@@ -350,56 +428,65 @@ class GradReducer:
                 fsdp.append(p)
             else:
                 plain.append(p)
-        if plain:
-            self._reduce_plain(plain, buffer, group, scale)
-        if fsdp:
-            self._reduce_fsdp(fsdp, buffer, scale)
-
-    def _local_shape(self, p: Tensor) -> torch.Size:
-        return p.to_local().shape if is_dtensor(p) and not self.fsdp else p.shape
-
-    def _reduce_plain(
-        self,
-        params: list[Tensor],
-        buffer: dict[int, Tensor],
-        group: Any | None,
-        scale: float | None,
-    ) -> None:
-        """One all-reduce (per dtype) of every parameter's contribution, then write ``.grad``."""
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for p in params:
+        for p in plain:
             by_dtype.setdefault(acc_dtype(p), []).append(p)
+        writes: list[tuple[Tensor, Tensor]] = []
+        agreed = group is None
+        if group is None and error is not None:
+            raise error
         for dt, ps in by_dtype.items():
             device = ps[0].device
             chunks, present = [], []
             for p in ps:
                 c = buffer.get(id(p))
-                shape = self._local_shape(p)
                 present.append(0.0 if c is None else 1.0)
                 if c is None:
-                    c = torch.zeros(shape, dtype=dt, device=device)
+                    c = torch.zeros(self._local_shape(p), dtype=dt, device=device)
                 chunks.append(c.to(dt).reshape(-1))
-            flat = torch.cat([*chunks, torch.tensor(present, dtype=dt, device=device)])
+            tail = [torch.tensor(present, dtype=dt, device=device)]
+            carry = not agreed  # the first bucket carries every rank's error flag
+            if carry:
+                flags = torch.zeros(world, dtype=dt, device=device)
+                flags[rank] = flag_code(error)
+                tail.append(flags)
+            flat = torch.cat([*chunks, *tail])
             if group is not None:
                 cdev = _dist.collective_device(group, flat.device)
                 red = flat.to(cdev)
                 dist.all_reduce(red, group=group)
                 flat = red.to(device)
+            if carry:
+                err = agreed_error(flat[-world:].tolist(), error, group, _WHAT)
+                if err is not None:
+                    raise err from error
+                flat = flat[:-world]
+                agreed = True
+            n_grad = flat.numel() - len(ps)
             if scale is not None:
-                flat[: flat.numel() - len(ps)] *= scale
+                flat[:n_grad] *= scale
             offset = 0
             for k, p in enumerate(ps):
                 shape = self._local_shape(p)
                 n = shape.numel()
                 seg = flat[offset : offset + n]
                 offset += n
-                if flat[flat.numel() - len(ps) + k] == 0:
-                    continue  # no rank had a gradient for p
-                self._write_local(p, seg.reshape(shape))
+                if flat[n_grad + k] != 0:  # some rank had a gradient for p
+                    writes.append((p, seg.reshape(shape)))
+        if not agreed:
+            agree(error, group, _WHAT)
+        if fsdp:
+            writes += self._reduce_fsdp(fsdp, buffer, scale)
+        for p, g in writes:
+            self._write_local(p, g)
+        return [p for p, _ in writes]
+
+    def _local_shape(self, p: Tensor) -> torch.Size:
+        return p.to_local().shape if is_dtensor(p) and not self.fsdp else p.shape
 
     @staticmethod
     def _write_local(p: Tensor, g: Tensor) -> None:
-        if is_dtensor(p):
+        if is_dtensor(p) and not is_dtensor(g):
             from torch.distributed.tensor import DTensor
 
             g = DTensor.from_local(
@@ -410,16 +497,21 @@ class GradReducer:
                 shape=p.shape,
                 stride=p.stride(),
             )
+        if is_dtensor(p):
             _accumulate(p, g)
             return
         write_plain(p, g)
 
     def _reduce_fsdp(
         self, params: list[Tensor], buffer: dict[int, Tensor], scale: float | None
-    ) -> None:
-        """Reduce-scatter full-size contributions into FSDP2's ``Shard(0)`` DTensor gradients."""
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Reduce-scatter full-size contributions into FSDP2's ``Shard(0)`` DTensor gradients.
+
+        Returns ``(param, DTensor gradient)`` pairs to write.
+        """
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
+        out: list[tuple[Tensor, Tensor]] = []
         fast: dict[tuple[Any, torch.dtype], list[Tensor]] = {}
         for p in params:
             if len(p.placements) == 1 and p.placements[0] == Shard(0):
@@ -435,7 +527,7 @@ class GradReducer:
                     dist.all_reduce(full.to_local(), group=p.device_mesh.get_group(i))
                 if scale is not None:
                     full.to_local().mul_(scale)
-                _accumulate(p, full.redistribute(p.device_mesh, p.placements))
+                out.append((p, full.redistribute(p.device_mesh, p.placements)))
         for (mesh, dt), ps in fast.items():
             group = mesh.get_group()
             world = dist.get_world_size(group)
@@ -476,7 +568,8 @@ class GradReducer:
                     shape=p.shape,
                     stride=p.stride(),
                 )
-                _accumulate(p, g)
+                out.append((p, g))
+        return out
 
     # ------------------------------------------------------------------ tensor parallel
 

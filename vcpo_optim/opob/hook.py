@@ -15,6 +15,8 @@ See :class:`OPOB` for the math and the contract.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from .baseline import AGGS
 from .rules import FALLBACK_UNITS, RULES, get_rule, register_rule
 from .step import Config, OPOBResult, Step
 from .tape import BATCHNORM_TYPES, Tape
+from .tape import owner as tape_owner
 
 __all__ = ["OPOB", "OPOBResult"]
 
@@ -142,10 +145,16 @@ class OPOB:
     with :meth:`clear`); after :meth:`backward` no activation is held.
     The optimizer step boundary (for ``scope="batch"`` accumulation and the
     split-group check) is detected with a global optimizer step hook for any
-    ``torch.optim.Optimizer`` holding these parameters, or by the parameters'
-    ``.grad`` having been set to ``None``; call :meth:`finalize` to end a step
-    by hand (e.g. when a ``GradScaler`` skips ``optimizer.step()`` and you
-    zero gradients in place). ``.grad`` is complete after every call, so
+    ``torch.optim.Optimizer`` holding these parameters, or by the gradients
+    OPOB wrote having been set to ``None``, replaced, or zeroed in place (their
+    identity and version counters); call :meth:`finalize` to end a step by
+    hand. With ``scope="batch"`` a gradient changed in place between two calls
+    to anything else (clipping, an auxiliary backward mid-step) is refused.
+    A module is recorded by one OPOB at a time (a second OPOB on it replaces
+    the first, with a warning); an OPOB dropped without :meth:`detach` removes
+    its hooks when collected; a ``copy.deepcopy`` of the model is not
+    recorded. OPOB's forward hook sees each module's own output whatever the
+    order of other (module or global) forward hooks. ``.grad`` is complete after every call, so
     gradient clipping, ``GradScaler.unscale_`` and DDP-free loops need nothing
     else.
 
@@ -156,9 +165,11 @@ class OPOB:
     ``F.linear(h, emb.weight)``: use an ``nn.Linear`` sharing the Parameter),
     ``nn.Embedding(scale_grad_by_freq=True)``, hooked modules with
     ``batch_first=False``, parametrized weights (``weight_norm``,
-    ``torch.nn.utils.parametrize``), and trainable parameters that reach the loss but
+    ``torch.nn.utils.parametrize``), trainable parameters that reach the loss but
     were not trainable parameters of ``model`` when OPOB was attached (they
-    would get no gradient).
+    would get no gradient), an input of a hooked module modified in place
+    after the forward, and randomness (dropout) inside a module handled by the
+    vmap fallback.
     """
 
     def __init__(
@@ -192,7 +203,6 @@ class OPOB:
         self.winsor_q = float(winsor_q)
         self.grad_reduction = grad_reduction
         self._attached = False
-        self._handles: list[Any] = []
 
         bn = [n for n, m in model.named_modules() if isinstance(m, BATCHNORM_TYPES) and m.training]
         if bn:
@@ -295,45 +305,56 @@ class OPOB:
             )
         self._reducer = red.GradReducer(process_group, tp_group, grad_reduction, fsdp, order)
 
-        self._tape = Tape()
+        # ---- attach (nothing above changed any state) ----
+        hooked = rule_mods + fb_mods + unit_mods
+        previous = {t for _, m in hooked if (t := tape_owner(m)) is not None}
+        for old in previous:  # two OPOBs on one module would both write its gradient
+            warnings.warn(
+                f"OPOB: {old.describe()} already recorded modules of this model; it is detached "
+                "and replaced by the new OPOB (its backward() now raises). Create one OPOB per "
+                "model and reuse it, or call opob.detach() before attaching another.",
+                UserWarning,
+                stacklevel=2,
+            )
+            old.detach(replaced=True)
+        self._tape = tape = Tape(f"the OPOB created for {type(model).__name__} at {id(self):#x}")
         self._step = Step(
             Config(self.scope, self.agg, self.norm_by_std, self.winsor_q),
-            self._tape,
+            tape,
             self._reducer,
             self._params,
             self._names,
             self._owned,
             model,
         )
-        tape = self._tape
         for mname, mod in rule_mods:
-            self._handles.append(
-                mod.register_forward_hook(tape.hook(mname, True), with_kwargs=True)
-            )
+            tape.attach(mname, mod, True)
         for mname, mod in fb_mods:
-            self._handles.append(
-                mod.register_forward_hook(tape.hook(mname, False), with_kwargs=True)
-            )
+            tape.attach(mname, mod, False)
         for mname, mod in unit_mods:
-            self._handles.append(
-                mod.register_forward_hook(tape.hook(mname, False, recurse=True), with_kwargs=True)
-            )
+            tape.attach(mname, mod, False, recurse=True)
         for mname, mod in model.named_modules():
             if isinstance(mod, BATCHNORM_TYPES):
-                self._handles.append(mod.register_forward_pre_hook(tape.bn_check(mname)))
-        self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_step))
+                tape.attach_bn_check(mname, mod)
+        # The optimizer step hook and the finalizer hold no strong reference to this object:
+        # an OPOB that is dropped without detach() removes its hooks when it is collected.
+        ref = weakref.ref(self)
+
+        def on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me._on_optimizer_step(optimizer, args, kwargs)
+
+        tape.handles.append(register_optimizer_step_post_hook(on_step))  # removed with the tape
+        self._finalizer = weakref.finalize(self, tape.detach)
         self._attached = True
 
     # ------------------------------------------------------------------ lifecycle
 
     def detach(self) -> None:
         """Remove every hook and drop all recorded and per-step state (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         if self._attached:
-            self._tape.clear()
-            self._tape.attached = False
+            self._tape.detach()
             self._step.reset()
         self._attached = False
 
@@ -359,7 +380,7 @@ class OPOB:
         self._step.reset()
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._attached:
+        if not self._tape.attached:
             return
         for g in optimizer.param_groups:
             for p in g["params"]:
@@ -416,24 +437,15 @@ class OPOB:
 
     def _backward_reduced(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
         """A call whose gradients are reduced (data parallel, FSDP2) or sharded (TP)."""
-        reducer, step = self._reducer, self._step
-        reducer.begin()
+        reducer = self._reducer
         swapped = []
         if reducer.tp_group is not None:
             swapped = reducer.swap_tp_params(self.model, self._params, self._names)
             self._tape.localize(red.local)  # inputs a TP style turned into DTensors
         try:
-            result = step.run(loss, rewards, groups)
-            if swapped:
-                # the step-boundary check looks at the real parameters' .grad
-                step.written = [reducer.real_param(p) for p in step.written]
+            return self._step.run(loss, rewards, groups)
         finally:
             reducer.restore_tp_params(swapped)
-            buffer = reducer.end()
-        reducer.flush(buffer)
-        if not step.written:
-            step.written = [p for p in reducer.order if p.grad is not None]
-        return result
 
     def _check_still_plain(self) -> None:
         """Refuse a model that was sharded or parallelized after OPOB was attached."""

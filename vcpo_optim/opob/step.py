@@ -31,7 +31,8 @@ Extension points (not implemented yet):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from .rules import fallback_factors, get_rule
 from .rules.base import Factor
 from .tape import Tape
 
-__all__ = ["Config", "OPOBResult", "Step"]
+__all__ = ["Config", "OPOBResult", "Step", "StepState"]
 
 
 @dataclass
@@ -103,15 +104,6 @@ def _to_1d(
     return t if dtype is None else t.to(dtype)
 
 
-def _as_empty(x: Any, device: torch.device, what: str) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(x if x is not None else [])
-    if tuple(t.shape) != (0,):
-        raise ValueError(
-            f"OPOB: per_sample_loss is empty but {what} has shape {tuple(t.shape)} (expected [0])"
-        )
-    return t.to(device)
-
-
 @dataclass
 class _StatPlan:
     """Local scopes of a call on the sufficient-statistics path (``agg="mean"`` over a process group)."""
@@ -123,8 +115,45 @@ class _StatPlan:
     inv: Tensor | None  # 1/std of the local scopes (group scope with norm_by_std)
 
 
+@dataclass
+class StepState:
+    """What lives for one optimizer step. A call builds the next state and commits it at its end."""
+
+    seen_groups: Tensor | None = None  # group ids of the step so far (split-group check)
+    hist_n: Tensor | None = None  # per-sample path, batch scope: the step's norms so far
+    hist_r: Tensor | None = None  # ... and its rewards
+    hist_stats: Tensor | None = None  # statistics path, batch scope: the step's merged stats
+    r_off: Tensor | None = None  # reward offset of the step (single process, scope="batch")
+    prev_b: float | Tensor = 0.0  # batch scope: the baseline and scale last written
+    prev_k: float | Tensor = 0.0
+    # batch scope: per parameter, sum_i r_i grad l_i and sum_i q_i grad l_i over the step
+    sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # (parameter, its .grad, the grad's version) after OPOB's last write: the step boundary
+    marks: list[tuple[Tensor, Any, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Call:
+    """What the validation of a call established (``b``, ``r``, ``g`` local; the rest agreed)."""
+
+    b: int
+    r: Tensor
+    g: Tensor | None  # this rank's group ids (int64), or None
+    sizes: list[int]  # number of local scopes of every rank
+    ids_given: bool  # group ids were passed (by every rank with samples): split-group check
+    new_step: bool  # a new optimizer step started since the last call (agreed)
+
+
 class Step:
     """Runs OPOB backward calls and keeps the state of the current optimizer step.
+
+    Every rank runs the same code, a rank with no samples (``B = 0``) included,
+    and issues the same collectives in the same order. A failure on a rank after
+    the first collective is not raised there at once: it is carried by the next
+    collective's error flag, so that every rank raises the same ``ValueError``
+    (naming the ranks and their causes) at the same point. The gradient
+    reduction is the last such point; ``.grad`` and the step state change only
+    after it.
 
     Args:
         cfg: the baseline settings.
@@ -153,27 +182,57 @@ class Step:
         self.names = names
         self.owned = owned
         self.model = model
-        self.reset()
+        self.state = StepState()
 
     # ------------------------------------------------------------------ optimizer step
 
     def reset(self) -> None:
         """Start a new optimizer step."""
-        self.seen_groups: Tensor | None = None
-        self.hist_n: Tensor | None = None
-        self.hist_r: Tensor | None = None
-        self.r_off: Tensor | None = None  # reward offset of the step (scope="batch")
-        self.hist_stats: Tensor | None = None
-        self.prev_b: float | Tensor = 0.0
-        self.prev_k: float | Tensor = 0.0
-        self.sums: dict[int, tuple[Tensor, Tensor]] = {}
-        self.written: list[Tensor] = []
+        self.state = StepState()
 
-    def check_no_split_groups(self, new_ids: Tensor) -> None:
+    def _new_step(self) -> bool:
+        """Whether a new optimizer step started since OPOB last wrote ``.grad``.
+
+        Read from the gradients OPOB wrote: one set to ``None`` or replaced by another
+        tensor (``zero_grad()``, ``p.grad = ...``) means their content is gone; one
+        changed in place (its version counter moved) and now all zero means
+        ``zero_grad(set_to_none=False)`` / ``p.grad.zero_()``. A gradient changed in
+        place to anything else is ambiguous (a reset followed by other gradients, or
+        clipping, or an auxiliary loss added mid-step): with ``scope="batch"``, whose
+        baseline correction relies on ``.grad`` still holding OPOB's earlier writes,
+        that is refused; ``scope="group"`` keeps the step.
+        """
+        st = self.state
+        changed = []
+        for p, ref, version in st.marks:
+            g = p.grad
+            if g is None or g is not ref():
+                return True
+            if g._version != version:
+                changed.append(p)
+        if not changed:
+            return False
+        if all(not bool(red.local(p.grad).any()) for p in changed):
+            return True
+        if self.cfg.scope == "batch" and st.sums:
+            names = [self.names.get(id(p), "?") for p in changed]
+            raise ValueError(
+                f"OPOB: the gradients of {names[:5]} were modified in place since OPOB's last "
+                "backward call of this optimizer step (they are neither what OPOB wrote nor zero), "
+                "so OPOB cannot tell whether a new step started: scope='batch' corrects the "
+                "gradient of the earlier calls as the step's baseline moves and needs them intact. "
+                "Call opob.finalize() when a new optimizer step starts (or zero gradients with "
+                "set_to_none=True), and clip or add other gradients only after the last "
+                "opob.backward() of the step."
+            )
+        return False
+
+    @staticmethod
+    def check_no_split_groups(new_ids: Tensor, seen: Tensor | None) -> None:
         """Raise if a group id of this call already appeared earlier in the optimizer step."""
-        if self.seen_groups is None:
+        if seen is None:
             return
-        dup = new_ids[torch.isin(new_ids, self.seen_groups)]
+        dup = new_ids[torch.isin(new_ids, seen)]
         if dup.numel():
             raise ValueError(
                 f"OPOB: scope='group' needs each group complete within one backward call, but "
@@ -196,20 +255,25 @@ class Step:
     # ------------------------------------------------------------------ validation
 
     def _validate_local(
-        self, loss: Any, rewards: Any, groups: Any
+        self, loss: Any, rewards: Any, groups: Any, empty_ok: bool
     ) -> tuple[int, Tensor, Tensor | None]:
         if not self.tape.attached:
+            if self.tape.replaced:
+                raise ValueError(
+                    "OPOB: this OPOB was detached because another OPOB was attached to the same "
+                    "model (each module is recorded by one OPOB); use the newer one"
+                )
             raise ValueError("OPOB: this OPOB was detached")
         if not isinstance(loss, Tensor):
             raise ValueError("OPOB: per_sample_loss must be a torch.Tensor")
         if loss.dim() != 1:
             raise ValueError(f"OPOB: per_sample_loss must have shape [B], got {tuple(loss.shape)}")
         b = loss.shape[0]
-        if b == 0:
+        if b == 0 and not empty_ok:
             raise ValueError("OPOB: empty batch (B = 0)")
         if not loss.is_floating_point():
             raise ValueError("OPOB: per_sample_loss must be floating point")
-        if not loss.requires_grad:
+        if b and not loss.requires_grad:
             raise ValueError(
                 "OPOB: per_sample_loss does not require grad (no graph to backpropagate)"
             )
@@ -225,103 +289,119 @@ class Step:
         g: Tensor | None = None
         if groups is not None and self.cfg.scope == "group":
             g = _to_1d(groups, b, loss.device, "groups", None)
-            if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:
+            bad = g.is_floating_point() or g.is_complex() or g.dtype == torch.bool
+            if bad and b:  # an empty list of ids is a float tensor; nothing to check
                 raise ValueError(f"OPOB: groups must be integer ids, got dtype {g.dtype}")
             g = g.to(torch.int64)
-        self.tape.validate(b)
+        self.tape.validate(b, require_records=b > 0)
         return b, r, g
 
-    def _validate(
-        self, loss: Any, rewards: Any, groups: Any, group: Any | None
-    ) -> tuple[int, Tensor, Tensor | None, list[int] | None]:
-        """Local checks, then one agreement over the group (number of local scopes riding along)."""
-        error: ValueError | None = None
-        out: Any = None
+    def _validate(self, loss: Any, rewards: Any, groups: Any, group: Any | None) -> _Call:
+        """Local checks, then the call's first collective: one agreement over the group.
+
+        Every rank's batch size, number of local scopes and whether it passed group
+        ids ride along; from them every rank draws the same conclusions (an empty
+        global batch, ids on some ranks but not on others).
+        """
+        shared = group is not None or self.reducer.tp_active()
+        error: BaseException | None = None
+        out: tuple[int, Tensor, Tensor | None] | None = None
+        new_step = False
         try:
-            out = self._validate_local(loss, rewards, groups)
-        except ValueError as exc:
-            if group is None:
+            out = self._validate_local(loss, rewards, groups, empty_ok=group is not None)
+            new_step = self._new_step()
+        except Exception as exc:
+            if not shared:
                 raise
             error = exc
-        payload = None
-        if self._uses_stats(group) and self.cfg.scope == "group":
-            n = 0 if out is None else self._local_scope_count(out[0], out[2])
-            payload = [float(n)]
+        error = red.agree_tp(error, self.reducer.tp_group)
+        b, g = (out[0], out[2]) if out is not None else (0, None)
+        kind = 0.0 if b == 0 or self.cfg.scope != "group" else (1.0 if g is not None else 2.0)
+        n_local = 0 if b == 0 else (1 if g is None else int(torch.unique(g).numel()))
+        payload = [float(b), float(n_local), kind, float(new_step)]
         rows = red.agree(error, group, "invalid input", payload)
-        sizes = None if payload is None else [int(x[0]) for x in rows]
-        return (*out, sizes)
-
-    @staticmethod
-    def _local_scope_count(b: int, groups: Tensor | None) -> int:
-        if groups is None:
-            return 1 if b else 0
-        return int(torch.unique(groups).numel())
+        assert out is not None
+        if sum(x[0] for x in rows) == 0:
+            raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
+        with_ids = [k for k, x in enumerate(rows) if x[2] == 1.0]
+        without = [k for k, x in enumerate(rows) if x[2] == 2.0]
+        if with_ids and without:
+            raise ValueError(
+                f"OPOB: rank(s) {with_ids} passed group ids but rank(s) {without} passed "
+                "groups=None in the same backward call: pass the prompt-group ids on every rank "
+                "(groups=None makes the call one group, which cannot be merged with ids)"
+            )
+        sizes = [int(x[1]) for x in rows]
+        return _Call(out[0], out[1], out[2], sizes, bool(with_ids), any(x[3] for x in rows))
 
     # ------------------------------------------------------------------ scopes
 
     def _scopes(
-        self, b: int, r: Tensor, groups: Tensor | None, group: Any | None
-    ) -> tuple[Tensor, Tensor, int, Tensor, int, Tensor | None]:
-        """Global rewards, scope index of every global sample, #scopes, this call's global group ids, offset."""
+        self, c: _Call, r: Tensor, group: Any | None, st: StepState
+    ) -> tuple[Tensor, Tensor, int, int, Tensor | None]:
+        """Per-sample path: global rewards of the scope(s), scope index of every global sample,
+        #scopes, this rank's offset among them, and this call's global group ids."""
         r_all, offset = red.gather_varlen(r, group)
         if self.cfg.scope == "batch":
-            prev = self.hist_r
+            prev = st.hist_r
             r_step = r_all if prev is None else torch.cat([prev.to(r_all.dtype), r_all])
             sid = torch.zeros(r_step.numel(), dtype=torch.long, device=r.device)
-            return r_step, sid, 1, r_all, offset + (0 if prev is None else prev.numel()), None
-        if groups is None:
-            ids_all, _ = red.gather_varlen(
-                torch.zeros(b, dtype=torch.int64, device=r.device), group
-            )
-            new_ids = None
-        else:
-            ids_all, _ = red.gather_varlen(groups, group)  # gathered as int64: exact
+            return r_step, sid, 1, offset + (0 if prev is None else prev.numel()), None
+        new_ids = None
+        if c.ids_given:
+            ids = c.g if c.g is not None else torch.zeros(0, dtype=torch.int64, device=r.device)
+            ids_all, _ = red.gather_varlen(ids, group)  # gathered as int64: exact
             new_ids = torch.unique(ids_all)
-            self.check_no_split_groups(new_ids)
+            self.check_no_split_groups(new_ids, st.seen_groups)
+        else:
+            zeros = torch.zeros(c.b, dtype=torch.int64, device=r.device)
+            ids_all, _ = red.gather_varlen(zeros, group)
         uniq, sid = torch.unique(ids_all, return_inverse=True)
-        return r_all, sid, uniq.numel(), r_all, offset, new_ids
+        return r_all, sid, uniq.numel(), offset, new_ids
 
-    def _stats_scopes(
-        self, b: int, r: Tensor, groups: Tensor | None, group: Any, sizes: list[int] | None
-    ) -> _StatPlan:
-        """Before the norms: local scopes; with ``norm_by_std`` and ``scope="group"`` the global 1/std."""
+    def _stats_scopes(self, c: _Call, r: Tensor, group: Any) -> _StatPlan:
+        """Statistics path, before the norms: local scopes; with ``norm_by_std`` and
+        ``scope="group"`` the global 1/std (one collective)."""
         dev = r.device
         if self.cfg.scope == "batch":
-            return _StatPlan(torch.zeros(b, dtype=torch.long, device=dev), 1, None, [], None)
-        if groups is None:
-            loc_ids = torch.zeros(1 if b else 0, dtype=torch.int64, device=dev)
-            sid = torch.zeros(b, dtype=torch.long, device=dev)
+            return _StatPlan(torch.zeros(c.b, dtype=torch.long, device=dev), 1, None, [], None)
+        if c.g is None:
+            loc_ids = torch.zeros(1 if c.b else 0, dtype=torch.int64, device=dev)
+            sid = torch.zeros(c.b, dtype=torch.long, device=dev)
         else:
-            loc_ids, sid = torch.unique(groups, return_inverse=True)
-        assert sizes is not None  # rode along with the validation
-        if sum(sizes) == 0:
-            raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
+            loc_ids, sid = torch.unique(c.g, return_inverse=True)
         n_local = int(loc_ids.numel())
         inv = None
         if self.cfg.norm_by_std:
             st = scope_stats(None, r, sid, n_local)
-            _, merged, loc2glob = red.exchange_rows(loc_ids, st, sizes, group, False, "error")
+            _, merged, loc2glob = red.exchange_rows(
+                loc_ids, st, c.sizes, group, None, "reward statistics"
+            )
             inv = stats_inv_std(merged)[loc2glob].to(device=dev, dtype=r.dtype)
-        return _StatPlan(sid, n_local, loc_ids, sizes, inv)
+        return _StatPlan(sid, n_local, loc_ids, c.sizes, inv)
 
     def _stats_finish(
-        self, sq: Tensor, r: Tensor, plan: _StatPlan, groups: Tensor | None, group: Any
+        self,
+        sq: Tensor,
+        r: Tensor,
+        plan: _StatPlan,
+        c: _Call,
+        group: Any,
+        st: StepState,
+        error: BaseException | None,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """After the norms: one collective of per-scope sums (with the non-finite-norm flag).
+        """Statistics path, after the norms: one collective of per-scope sums with the error flag.
 
         Returns the baselines and scales of the local scopes (``[n_local]``; ``[1]`` for
         the batch scope), the global ids of the call (split-group check) and, for the
         batch scope, the step's merged stats. Raises the same error on every rank.
         """
         dev, dt = r.device, r.dtype
-        bad = not bool(torch.isfinite(sq).all())
-        what = "non-finite per-sample gradient norms"
-        st = scope_stats(sq, r, plan.sid, plan.n_local)
+        what = "error in the backward call"
+        stats = scope_stats(sq, r, plan.sid, plan.n_local)
         if self.cfg.scope == "batch":
-            call = red.gather_batch_stats(st[0], group, bad, what)
-            if call[0, 0] == 0:
-                raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
-            hist = self.hist_stats
+            call = red.gather_batch_stats(stats[0], group, error, what)
+            hist = st.hist_stats
             step = (
                 call
                 if hist is None
@@ -331,11 +411,13 @@ class Step:
             ks = stats_inv_std(step) if self.cfg.norm_by_std else torch.ones_like(bs)
             return bs.to(device=dev, dtype=dt), ks.to(device=dev, dtype=dt), None, step
         assert plan.loc_ids is not None
-        uniq, merged, loc2glob = red.exchange_rows(plan.loc_ids, st, plan.sizes, group, bad, what)
+        uniq, merged, loc2glob = red.exchange_rows(
+            plan.loc_ids, stats, plan.sizes, group, error, what
+        )
         new_ids = None
-        if groups is not None:
+        if c.ids_given:
             new_ids = uniq.to(dev)
-            self.check_no_split_groups(new_ids)
+            self.check_no_split_groups(new_ids, st.seen_groups)
         bs = stats_baselines(merged)[loc2glob].to(device=dev, dtype=dt)
         ks = plan.inv if plan.inv is not None else torch.ones_like(bs)
         return bs, ks, new_ids, None
@@ -343,89 +425,111 @@ class Step:
     # ------------------------------------------------------------------ the call
 
     def run(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
-        """One backward call (the tape is consumed; the caller clears it on error)."""
-        group = self.reducer.dp_group()
-        if (
-            group is not None
-            and isinstance(loss, Tensor)
-            and loss.dim() == 1
-            and loss.shape[0] == 0
-        ):
-            self.tape.clear()
-            return self._run_empty(loss, rewards, groups, group)
-        return self._run(loss, rewards, groups, group)
+        """One backward call: every rank, with or without samples, runs exactly this.
 
-    def _run(self, loss: Tensor, rewards: Any, groups: Any, group: Any | None) -> OPOBResult:
-        b, r, g_ids, sizes = self._validate(loss, rewards, groups, group)
-        if any(p.grad is None for p in self.written):
-            self.reset()  # gradients were dropped (zero_grad(set_to_none=True)): a new step
-        dev = loss.device
-        dt = self._dtype()
-        cfg = self.cfg
-        r_off = None
+        The tape is consumed (the caller clears it whatever happens).
+        """
+        reducer = self.reducer
+        group = reducer.dp_group()
+        buffered = not reducer.local()
+        if buffered:
+            reducer.begin()
+        try:
+            return self._run(loss, rewards, groups, group, buffered)
+        finally:
+            reducer.end()
+
+    def _run(
+        self, loss: Tensor, rewards: Any, groups: Any, group: Any | None, buffered: bool
+    ) -> OPOBResult:
+        cfg, reducer = self.cfg, self.reducer
+        shared = group is not None or reducer.tp_active()  # failures must be agreed
+        c = self._validate(loss, rewards, groups, group)  # collective 1
+        st = StepState() if c.new_step else self.state  # read-only until the commit
+        b, dev, dt = c.b, loss.device, self._dtype()
+        r = c.r
+        r_off, step_off = None, st.r_off
         if group is None and dt != torch.float64:
             # Baselines are shift-equivariant and the std shift-invariant: center the rewards (in
             # float64, per scope; one offset per optimizer step for scope="batch") so that a large
             # common offset does not cancel catastrophically in float32 (baselines, gradient sums).
             r64 = r.to(torch.float64)
             if cfg.scope == "batch":
-                if self.r_off is None:
-                    self.r_off = r64.mean()
-                r_off = self.r_off.expand(b)
-            elif g_ids is None:
+                if step_off is None:
+                    step_off = r64.mean()
+                r_off = step_off.expand(b)
+            elif c.g is None:
                 r_off = r64.mean().expand(b)
             else:
-                _, idx, cnt = torch.unique(g_ids, return_inverse=True, return_counts=True)
+                _, idx, cnt = torch.unique(c.g, return_inverse=True, return_counts=True)
                 sums = torch.zeros(cnt.numel(), dtype=torch.float64, device=r.device)
                 r_off = (sums.index_add_(0, idx, r64) / cnt)[idx]
             r = r64 - r_off
         r = r.to(dt)
+
+        # ---- scopes; collectives that need nothing from the backward pass ----
         plan = None
         if self._uses_stats(group):  # per-scope sums over the group, no per-sample gather
-            plan = self._stats_scopes(b, r, g_ids, group, sizes)
-            sid, n_scopes, inv, new_ids = plan.sid, plan.n_local, plan.inv, None
+            plan = self._stats_scopes(c, r, group)
+            sid, n_scopes, inv = plan.sid, plan.n_local, plan.inv
         else:
-            r_scope, sid_all, n_scopes, _, off, new_ids = self._scopes(b, r, g_ids, group)
+            r_scope, sid_all, n_scopes, off, new_ids = self._scopes(c, r, group, st)
             sid = sid_all[off : off + b]
             inv = scope_inv_std(r_scope, sid_all, n_scopes) if cfg.norm_by_std else None
-        self.tape.audit(loss, self.params, self.names, self.owned, self.model)
 
-        grads = self._autograd(loss)
+        batch_scope = cfg.scope == "batch"
+        if batch_scope:
+            q_acc = torch.ones(b, dtype=dt, device=dev)
+            r_acc = r
+            sid_acc = torch.zeros(b, dtype=torch.long, device=dev)
+            ns_acc = 1
+        else:
+            k = inv[sid] if inv is not None else torch.ones(b, dtype=dt, device=dev)
+            q_acc, r_acc, sid_acc, ns_acc = k, k * r, sid, n_scopes
+
+        # ---- local work: audit, the autograd pass, factors, norms (failures deferred) ----
+        error: BaseException | None = None
+        works: dict[int, ParamWork] = {}
+        parts: list[tuple[Tensor, Tensor]] = []
+        sq = torch.zeros(b, dtype=dt, device=dev)
+        try:
+            grads: tuple[Tensor | None, ...] = ()
+            if b or (self.tape and loss.requires_grad):  # an empty rank that ran a forward too
+                self.tape.audit(loss, self.params, self.names, self.owned, self.model)
+                grads = self._autograd(loss)
+            with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+                if b:
+                    works = self._factors(grads, b)
+                grads = ()
+                self.tape.clear()  # the factors hold what is still needed; free the rest now
+                for w in works.values():
+                    w.choose(b, ns_acc, 2 if batch_scope else 1)
+                    parts.append((w.param, w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)))
+                    sq += parts[-1][1]
+        except Exception as exc:
+            if not shared:
+                raise
+            error = exc
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-            works = self._factors(grads, b)
-            grads = None  # type: ignore[assignment]
-            self.tape.clear()  # the factors hold what is still needed; free the rest now
+            # Tensor parallelism completes n_i (and shares failures) here.
+            sq, error = reducer.complete_norms(parts, sq, error)
+            if error is None and not bool(torch.isfinite(sq).all()):
+                error = red.NonFiniteNorms(
+                    "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
+                )
+            if error is not None and not shared:
+                raise error
 
-            batch_scope = cfg.scope == "batch"
-            if batch_scope:
-                q_acc = torch.ones(b, dtype=dt, device=dev)
-                r_acc = r
-                sid_acc = torch.zeros(b, dtype=torch.long, device=dev)
-                ns_acc = 1
-            else:
-                k = inv[sid] if inv is not None else torch.ones(b, dtype=dt, device=dev)
-                q_acc, r_acc, sid_acc, ns_acc = k, k * r, sid, n_scopes
-            sq = torch.zeros(b, dtype=dt, device=dev)
-            parts: list[tuple[Tensor, Tensor]] = []
-            for w in works.values():
-                w.choose(b, ns_acc, 2 if batch_scope else 1)
-                parts.append((w.param, w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)))
-                sq += parts[-1][1]
-            # Tensor parallelism completes n_i here (vcpo_optim.opob.distributed).
-            sq = self.reducer.complete_norms(parts, sq, group, self._uses_stats(group))
-            step_stats = None
+            # ---- baselines: one collective carrying every rank's failure flag ----
+            step_stats = n_scope = None
             if plan is not None:
-                bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, g_ids, group)
+                bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, c, group, st, error)
             else:
-                if not bool(torch.isfinite(sq).all()):
-                    raise ValueError(
-                        "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
-                    )
+                red.agree(error, group, "error in the backward call")
                 n_all, _ = red.gather_varlen(sq, group)
-                if batch_scope:
-                    n_scope = n_all if self.hist_n is None else torch.cat([self.hist_n, n_all])
-                else:
-                    n_scope = n_all
+                n_scope = (
+                    n_all if not batch_scope or st.hist_n is None else torch.cat([st.hist_n, n_all])
+                )
                 bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, cfg.agg, cfg.winsor_q)
                 ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
             base = bs[sid]
@@ -433,51 +537,100 @@ class Step:
             if r_off is not None:
                 base = (base.to(torch.float64) + r_off).to(dt)
 
-            # ---- write the reweighted gradient (only place .grad is touched) ----
-            write = self.reducer.write_grad
-            if batch_scope:
-                bb, kk = bs[0], ks[0]
-                pb, pk = self.prev_b, self.prev_k
-                for w in works.values():
-                    if w.strategy == "acc":
-                        assert w.acc_r is not None and w.acc_s is not None
-                        d1, d0 = w.acc_r, w.acc_s[0]
-                    else:
-                        d1, d0 = w.weighted_sum(r), w.weighted_sum(q_acc)
-                    s1, s0 = self.sums.get(id(w.param), (None, None))
-                    delta = kk * (d1 - bb * d0)
-                    if s1 is not None and s0 is not None:
-                        delta += (kk - pk) * s1 - (kk * bb - pk * pb) * s0
-                        s1 += d1
-                        s0 += d0
-                    else:
-                        self.sums[id(w.param)] = (d1.clone(), d0.clone())
-                    write(w.param, delta)
-                    w.release()
-                for pid, (s1, s0) in self.sums.items():
-                    if pid not in works:  # used in an earlier call only: its baseline moved
-                        write(self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
-                self.prev_b, self.prev_k = bb, kk
-                if plan is not None:
-                    self.hist_stats = step_stats
-                else:
-                    self.hist_n, self.hist_r = n_scope, r_scope
+            # ---- the reweighted gradient (failures deferred to the gradient reduction) ----
+            staged: dict[int, tuple[Tensor, Tensor]] = {}  # batch scope: this call's sums
+            try:
+                self._write(works, st, bs, ks, r, q_acc, coef, batch_scope, staged, buffered)
+            except Exception as exc:
+                if not buffered:
+                    raise
+                error = exc
+            if buffered:
+                buffer = reducer.end()
+                assert buffer is not None
+                written = reducer.flush(buffer, error)  # the last collective; raises on a flag
             else:
-                for w in works.values():
-                    if w.strategy == "acc":
-                        assert w.acc_r is not None and w.acc_s is not None
-                        contrib = w.acc_r - torch.tensordot(bs.to(w.acc_s.dtype), w.acc_s, dims=1)
-                    else:
-                        contrib = w.weighted_sum(coef)
-                    write(w.param, contrib)
-                    w.release()
-                if new_ids is not None:
-                    seen = self.seen_groups
-                    self.seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
-            self.written = [w.param for w in works.values()] + [
-                self.params[i] for i in self.sums if i not in works
+                written = [w.param for w in works.values()] + [
+                    self.params[i] for i in st.sums if i not in works
+                ]
+
+            # ---- commit the step state (nothing below can fail on one rank only) ----
+            for pid, (d1, d0) in staged.items():
+                prev = st.sums.get(pid)
+                if prev is None:
+                    st.sums[pid] = (d1.clone(), d0.clone())
+                else:
+                    prev[0].add_(d1)
+                    prev[1].add_(d0)
+            if batch_scope:
+                st.prev_b, st.prev_k = bs[0], ks[0]
+                if plan is not None:
+                    st.hist_stats = step_stats
+                else:
+                    st.hist_n, st.hist_r = n_scope, r_scope
+            elif new_ids is not None:
+                seen = st.seen_groups
+                st.seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
+            st.r_off = step_off
+            st.marks = [
+                (p, weakref.ref(p.grad), p.grad._version) for p in written if p.grad is not None
             ]
+            self.state = st
         return OPOBResult(sq_norms=sq, baselines=base, coefficients=coef)
+
+    def _write(
+        self,
+        works: dict[int, ParamWork],
+        st: StepState,
+        bs: Tensor,
+        ks: Tensor,
+        r: Tensor,
+        q: Tensor,
+        coef: Tensor,
+        batch_scope: bool,
+        staged: dict[int, tuple[Tensor, Tensor]],
+        buffered: bool,
+    ) -> None:
+        """Write ``sum_i c_i grad l_i`` (the only place gradients are produced).
+
+        Batch scope: this call's ``d1 = sum r_i G_i``, ``d0 = sum q_i G_i`` plus the change
+        of the earlier calls' share as the step's baseline moved. Unbuffered (single
+        process) the step sums are updated in place; buffered they are staged in
+        ``staged`` and added after the gradient reduction succeeded.
+        """
+        write = self.reducer.write_grad
+        if not batch_scope:
+            for w in works.values():
+                if w.strategy == "acc":
+                    assert w.acc_r is not None and w.acc_s is not None
+                    contrib = w.acc_r - torch.tensordot(bs.to(w.acc_s.dtype), w.acc_s, dims=1)
+                else:
+                    contrib = w.weighted_sum(coef)
+                write(w.param, contrib)
+                w.release()
+            return
+        bb, kk = bs[0], ks[0]
+        pb, pk = st.prev_b, st.prev_k
+        for w in works.values():
+            if w.strategy == "acc":
+                assert w.acc_r is not None and w.acc_s is not None
+                d1, d0 = w.acc_r, w.acc_s[0]
+            else:
+                d1, d0 = w.weighted_sum(r), w.weighted_sum(q)
+            s1, s0 = st.sums.get(id(w.param), (None, None))
+            delta = kk * (d1 - bb * d0)
+            if s1 is not None and s0 is not None:
+                delta += (kk - pk) * s1 - (kk * bb - pk * pb) * s0
+            if buffered or s1 is None or s0 is None:
+                staged[id(w.param)] = (d1, d0)
+            else:
+                s1 += d1
+                s0 += d0
+            write(w.param, delta)
+            w.release()
+        for pid, (s1, s0) in st.sums.items():
+            if pid not in works:  # used in an earlier call only: its baseline moved
+                write(self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
 
     def _autograd(self, loss: Tensor) -> tuple[Tensor | None, ...]:
         """The single autograd pass: gradients of ``sum_i l_i`` at every recorded module output."""
@@ -517,7 +670,10 @@ class Step:
         for u in self.tape:
             gs = list(grads[pos : pos + len(u.edges)])
             pos += len(u.edges)
-            gs = [None if gr is None else gr.reshape(s) for gr, s in zip(gs, u.out_shapes)]
+            # a tensor-parallel module's own output is a DTensor: its gradient's local shard
+            gs = [
+                None if gr is None else red.local(gr).reshape(s) for gr, s in zip(gs, u.out_shapes)
+            ]
             if all(gr is None for gr in gs):
                 continue
             facs: dict[str, Factor]
@@ -526,7 +682,15 @@ class Step:
                 assert go is not None
                 rule = get_rule(u.module)
                 assert rule is not None
-                facs = rule(u.module, u.args, go)
+                try:
+                    facs = rule(u.module, u.args, go)
+                except ValueError:
+                    raise  # a rule's own refusal names its cause
+                except Exception as e:
+                    raise ValueError(
+                        f"OPOB: the per-sample rule for module '{u.name}' "
+                        f"({type(u.module).__name__}) failed: {type(e).__name__}: {e}"
+                    ) from e
             else:
                 self.tape.paused = True
                 try:
@@ -534,6 +698,17 @@ class Step:
                         u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
                     )
                 except RuntimeError as e:
+                    if "random" in str(e):
+                        raise ValueError(
+                            f"OPOB: module '{u.name}' ({type(u.module).__name__}) draws random "
+                            "numbers in its forward (dropout in training mode). The exact vmap "
+                            "fallback replays the module once per sample and cannot reproduce the "
+                            "random mask the forward drew (torch.func's randomness='same' or "
+                            "'different' would draw new ones), so its per-sample gradients are "
+                            "undefined. Set its dropout to 0 (e.g. nn.TransformerEncoderLayer(..., "
+                            "dropout=0.0) or nn.MultiheadAttention(..., dropout=0.0)); dropout "
+                            "between modules (nn.Dropout) is fine. Nothing was changed."
+                        ) from e
                     raise ValueError(
                         f"OPOB: the exact torch.func (vmap) fallback failed for module '{u.name}' "
                         f"({type(u.module).__name__}): {e}. Register a per-sample rule for this "
@@ -549,88 +724,3 @@ class Step:
                     w = works[id(p)] = ParamWork(p, self.names.get(id(p), pname))
                 w.factors.append(fac)
         return works
-
-    # ------------------------------------------------------------------ empty rank
-
-    def _run_empty(self, loss: Tensor, rewards: Any, groups: Any, group: Any) -> OPOBResult:
-        """This rank's part of a backward call in which it has no samples.
-
-        Mirrors the collectives of :meth:`_run` and its per-step state, with
-        ``B = 0``: validation (with the number of local groups), then per-scope
-        statistics (``agg="mean"``) or the per-sample rewards, group ids and
-        norms (median, winsorized mean).
-        """
-        error = None
-        try:
-            r = _as_empty(rewards, loss.device, "rewards")
-            g = None
-            if groups is not None and self.cfg.scope == "group":
-                g = _as_empty(groups, loss.device, "groups").to(torch.int64)
-        except ValueError as exc:
-            error = exc
-        ride = self._uses_stats(group) and self.cfg.scope == "group"
-        payload = [0.0] if ride else None
-        rows = red.agree(error, group, "invalid input", payload)
-        sizes = [int(x[0]) for x in rows] if ride else None
-        if any(p.grad is None for p in self.written):
-            self.reset()
-        dev = loss.device
-        dt = self._dtype()
-        r = r.to(dt)
-        if self._uses_stats(group):
-            return self._run_empty_stats(r, g, group, sizes)
-        r_scope, sid_all, n_scopes, r_call, _, new_ids = self._scopes(0, r, g, group)
-        if r_call.numel() == 0:
-            raise ValueError("OPOB: empty batch: no rank has a sample in this backward call")
-        inv = scope_inv_std(r_scope, sid_all, n_scopes) if self.cfg.norm_by_std else None
-        sq = self.reducer.complete_norms([], torch.zeros(0, dtype=dt, device=dev), group, False)
-        n_all, _ = red.gather_varlen(sq, group)
-        batch_scope = self.cfg.scope == "batch"
-        if batch_scope and self.hist_n is not None:
-            n_scope = torch.cat([self.hist_n, n_all])
-        else:
-            n_scope = n_all
-        bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, self.cfg.agg, self.cfg.winsor_q)
-        ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
-        with torch.no_grad():
-            if batch_scope:
-                bb, kk = bs[0], ks[0]
-                pb, pk = self.prev_b, self.prev_k
-                for pid, (s1, s0) in self.sums.items():  # earlier calls: their baseline moved
-                    self.reducer.write_grad(
-                        self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0
-                    )
-                self.prev_b, self.prev_k = bb, kk
-                self.hist_n, self.hist_r = n_scope, r_scope
-            elif new_ids is not None:
-                seen = self.seen_groups
-                self.seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
-        self.written = [self.params[i] for i in self.sums]
-        empty = torch.zeros(0, dtype=dt, device=dev)
-        return OPOBResult(sq_norms=empty, baselines=empty.clone(), coefficients=empty.clone())
-
-    def _run_empty_stats(
-        self, r: Tensor, g: Tensor | None, group: Any, sizes: list[int] | None
-    ) -> OPOBResult:
-        """:meth:`_run_empty` on the sufficient-statistics path (``agg="mean"``)."""
-        plan = self._stats_scopes(0, r, g, group, sizes)
-        sq = self.reducer.complete_norms(
-            [], torch.zeros(0, dtype=r.dtype, device=r.device), group, True
-        )
-        bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, g, group)
-        with torch.no_grad():
-            if self.cfg.scope == "batch":
-                bb, kk = bs[0], ks[0]
-                pb, pk = self.prev_b, self.prev_k
-                for pid, (s1, s0) in self.sums.items():  # earlier calls: their baseline moved
-                    self.reducer.write_grad(
-                        self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0
-                    )
-                self.prev_b, self.prev_k = bb, kk
-                self.hist_stats = step_stats
-            elif new_ids is not None:
-                seen = self.seen_groups
-                self.seen_groups = new_ids if seen is None else torch.cat([seen, new_ids])
-        self.written = [self.params[i] for i in self.sums]
-        empty = r.new_zeros(0)
-        return OPOBResult(sq_norms=empty, baselines=empty.clone(), coefficients=empty.clone())

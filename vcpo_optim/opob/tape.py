@@ -10,11 +10,24 @@ about norms or baselines; :mod:`vcpo_optim.opob.step` consumes it.
 Checks that belong to the record itself live here:
 
 * :meth:`Tape.validate`: dimension 0 of every record is the sample (``B``),
-  and no watched output view was modified in place after the forward;
+  no saved input was modified in place after the forward (tensor version
+  counters, as autograd's "modified by an inplace operation" check), and no
+  watched output view was;
 * :meth:`Tape.audit`: every tracked parameter that reaches the loss does so
   through a recorded use of a module that owns it (no ``F.linear(h,
   emb.weight)`` behind OPOB's back), and no trainable parameter unknown to OPOB
   reaches the loss.
+
+Hooks and ownership: a module is recorded by at most one OPOB (the registry
+:data:`_OWNERS`; a second OPOB on it replaces the first). The hooks check that
+the module calling them is one their tape attached to, so a ``copy.deepcopy``
+of the model (which copies the hook dicts) records nothing. OPOB's forward hook
+must see the module's own output, before any other hook may replace it: it is
+registered with ``prepend=True`` and a forward pre-hook keeps it first; global
+forward hooks (``register_module_forward_hook``) run before all module hooks,
+so while one exists OPOB records from a global hook of its own kept first among
+them. Forward pre-hooks that change the inputs need nothing: forward hooks
+receive the inputs the forward actually ran on.
 
 Extension points (not implemented yet):
 
@@ -30,6 +43,7 @@ Extension points (not implemented yet):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.modules import module as _module
+
+from .distributed import local
 
 __all__ = ["BATCHNORM_TYPES", "Tape", "Use"]
 
@@ -59,6 +76,7 @@ class Use:
     batch: int
     watched: list[tuple[Tensor, int]] = field(default_factory=list)
     recurse: bool = False  # a fallback unit: all parameters of the subtree
+    versions: list[int] = field(default_factory=list)  # of the saved tensors, at record time
 
 
 def _detach(x: Any) -> Any:
@@ -85,18 +103,79 @@ def _edge(out: Tensor) -> tuple[Any, list[tuple[Tensor, int]]]:
     return get_gradient_edge(out), watched
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """How a module attached to a tape is recorded."""
+
+    name: str
+    is_rule: bool  # a per-sample rule covers it (else the vmap fallback)
+    recurse: bool  # a fallback unit: all parameters of its subtree
+
+
+#: Module -> the tape recording it (at most one; weak keys: models are never kept alive).
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, Tape] = weakref.WeakKeyDictionary()
+#: Tapes currently attached (the global hook is kept while one of them is).
+_ATTACHED: weakref.WeakSet[Tape] = weakref.WeakSet()
+_GLOBAL: dict[str, Any] = {"handle": None}
+
+
+def owner(module: nn.Module) -> Tape | None:
+    """The attached tape recording ``module``, if any."""
+    tape = _OWNERS.get(module)
+    return tape if tape is not None and tape.attached else None
+
+
+def _global_hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    tape = _OWNERS.get(module)
+    if tape is not None:
+        tape._post(module, args, kwargs, output, via_global=True)
+
+
+def _global_first() -> None:
+    """Install OPOB's global forward hook (once) and keep it first among the global hooks."""
+    hooks = _module._global_forward_hooks
+    h = _GLOBAL["handle"]
+    if h is None or h.id not in hooks:
+        h = _GLOBAL["handle"] = _module.register_module_forward_hook(_global_hook, with_kwargs=True)
+    if next(iter(hooks)) != h.id:
+        hooks.move_to_end(h.id, last=False)
+
+
+def _foreign_global_hooks() -> bool:
+    h = _GLOBAL["handle"]
+    mine = None if h is None else h.id
+    return any(k != mine for k in _module._global_forward_hooks)
+
+
 class Tape:
-    """The records of the hooked modules since the last backward call.
+    """The records of the hooked modules since the last backward call, and the hooks making them.
 
     :attr:`paused` stops recording (OPOB's own autograd pass and fallback
     replays run module forwards that must not be recorded); :attr:`attached`
     is ``False`` once the owner detached.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, description: str = "an OPOB") -> None:
+        self.description = description
+        self.replaced = False  # detached because another OPOB attached to the same modules
         self.uses: list[Use] = []
         self.paused = False
         self.attached = True
+        self.handles: list[Any] = []
+        self._specs: weakref.WeakKeyDictionary[nn.Module, _Spec] = weakref.WeakKeyDictionary()
+        self._bn: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._first: dict[int, int] = {}  # id(module) -> id of OPOB's forward hook on it
+        self._via_global: dict[int, bool] = {}  # id(module) -> the global hook records this call
+        _ATTACHED.add(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tape:
+        # copy.deepcopy(model) copies the hook dicts, and with them the bound methods of
+        # this tape: they must stay bound to this tape (which ignores modules it did not
+        # attach to), not to a copy that would record the copy's forwards and never free them.
+        return self
+
+    def __copy__(self) -> Tape:
+        return self
 
     def __len__(self) -> int:
         return len(self.uses)
@@ -116,86 +195,146 @@ class Tape:
 
     # ------------------------------------------------------------------ hooks
 
-    def bn_check(self, name: str) -> Callable[..., None]:
-        """Forward pre-hook that refuses a BatchNorm module used in training mode."""
+    def attach(self, name: str, module: nn.Module, is_rule: bool, recurse: bool = False) -> None:
+        """Record every call of ``module`` (a rule module, a fallback module or a fallback unit)."""
+        self._specs[module] = _Spec(name, is_rule, recurse)
+        _OWNERS[module] = self
+        self.handles.append(module.register_forward_pre_hook(self._pre, prepend=True))
+        h = module.register_forward_hook(self._post_module, with_kwargs=True, prepend=True)
+        self._first[id(module)] = h.id
+        self.handles.append(h)
 
-        def check(module: nn.Module, args: Any) -> None:
-            if self.recording(module):
+    def attach_bn_check(self, name: str, module: nn.Module) -> None:
+        """Refuse the module (a BatchNorm) if it is called in training mode while recording."""
+        self._bn.add(module)
+
+        def check(mod: nn.Module, args: Any) -> None:
+            if mod in self._bn and self.recording(mod):
                 raise ValueError(
                     f"OPOB: BatchNorm module '{name}' is in training mode; it mixes samples through batch "
                     "statistics, so per-sample gradients are undefined. Use GroupNorm/LayerNorm or "
                     "module.eval() with frozen parameters."
                 )
 
-        return check
+        self.handles.append(module.register_forward_pre_hook(check))
 
-    def hook(self, name: str, is_rule: bool, recurse: bool = False) -> Callable[..., None]:
-        """Forward hook (``with_kwargs=True``) recording one :class:`Use` per call.
+    def describe(self) -> str:
+        return self.description
 
-        ``is_rule``: the module has a per-sample rule (only its first positional
-        tensor input is saved); otherwise the fallback replays the module and every
-        argument is saved. ``recurse``: a fallback unit (all parameters of its subtree).
-        """
+    def detach(self, replaced: bool = False) -> None:
+        """Remove every hook and record (idempotent)."""
+        self.replaced = self.replaced or replaced
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.uses.clear()
+        self.attached = False
+        for m, t in list(_OWNERS.items()):
+            if t is self:
+                del _OWNERS[m]
+        _ATTACHED.discard(self)
+        h = _GLOBAL["handle"]
+        if h is not None and not _ATTACHED:
+            h.remove()
+            _GLOBAL["handle"] = None
 
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
-            if not self.recording(module):
-                return
-            outs = (
-                [output]
-                if isinstance(output, Tensor)
-                else list(output)
-                if isinstance(output, tuple | list)
-                else []
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        """Before the forward: make sure OPOB's forward hook will see the module's own output."""
+        if module not in self._specs or not self.recording(module):
+            return  # e.g. a deepcopy of an attached module: its copied hooks are not ours
+        hooks = module._forward_hooks
+        hid = self._first[id(module)]
+        if hid in hooks and next(iter(hooks)) != hid:
+            hooks.move_to_end(hid, last=False)  # a hook prepended after OPOB's runs after it
+        via_global = _foreign_global_hooks()
+        if via_global:
+            _global_first()
+        self._via_global[id(module)] = via_global
+
+    def _post_module(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self._post(module, args, kwargs, output, via_global=False)
+
+    def _post(
+        self, module: nn.Module, args: Any, kwargs: Any, output: Any, via_global: bool
+    ) -> None:
+        """Record one call (from the first forward hook to run: OPOB's global or module hook)."""
+        spec = self._specs.get(module)
+        if spec is None or not self.recording(module):
+            return
+        if self._via_global.get(id(module), False) != via_global:
+            return  # the other of OPOB's two hooks records this call
+        self._record(spec, module, args, kwargs, output)
+
+    def _record(
+        self,
+        spec: _Spec,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        name = spec.name
+        outs = (
+            [output]
+            if isinstance(output, Tensor)
+            else list(output)
+            if isinstance(output, tuple | list)
+            else []
+        )
+        edges, shapes, index, watched = [], [], [], []
+        for j, o in enumerate(outs):
+            if isinstance(o, Tensor) and o.requires_grad:
+                e, w = _edge(o)
+                edges.append(e)
+                shapes.append(local(o).shape)  # a TP module's own output is a DTensor
+                index.append(j)
+                watched += w
+        if not edges:
+            return
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        stops = [get_gradient_edge(t).node for t in tensors if t.requires_grad]
+        if spec.is_rule:
+            if not tensors:
+                raise ValueError(f"OPOB: module '{name}' was called without a tensor input")
+            # every tensor argument: positional ones first, then keyword ones in call order
+            saved_args: tuple[Any, ...] = tuple(t.detach() for t in tensors)
+            saved_kwargs: dict[str, Any] = {}
+            batch = tensors[0].shape[0] if tensors[0].dim() > 0 else -1
+        else:
+            saved_args = tuple(_detach(a) for a in args)
+            saved_kwargs = {k: _detach(v) for k, v in kwargs.items()}
+            first = outs[index[0]]
+            batch = first.shape[0] if first.dim() > 0 else -1
+        versions = [
+            t._version for t in (*saved_args, *saved_kwargs.values()) if isinstance(t, Tensor)
+        ]
+        self.uses.append(
+            Use(
+                name,
+                module,
+                spec.is_rule,
+                saved_args,
+                saved_kwargs,
+                edges,
+                shapes,
+                index,
+                stops,
+                batch,
+                watched,
+                spec.recurse,
+                versions,
             )
-            edges, shapes, index, watched = [], [], [], []
-            for j, o in enumerate(outs):
-                if isinstance(o, Tensor) and o.requires_grad:
-                    e, w = _edge(o)
-                    edges.append(e)
-                    shapes.append(o.shape)
-                    index.append(j)
-                    watched += w
-            if not edges:
-                return
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-            stops = [get_gradient_edge(t).node for t in tensors if t.requires_grad]
-            if is_rule:
-                if not tensors:
-                    raise ValueError(f"OPOB: module '{name}' was called without a tensor input")
-                saved_args: tuple[Any, ...] = (tensors[0].detach(),)
-                saved_kwargs: dict[str, Any] = {}
-                batch = tensors[0].shape[0] if tensors[0].dim() > 0 else -1
-            else:
-                saved_args = tuple(_detach(a) for a in args)
-                saved_kwargs = {k: _detach(v) for k, v in kwargs.items()}
-                first = outs[index[0]]
-                batch = first.shape[0] if first.dim() > 0 else -1
-            self.uses.append(
-                Use(
-                    name,
-                    module,
-                    is_rule,
-                    saved_args,
-                    saved_kwargs,
-                    edges,
-                    shapes,
-                    index,
-                    stops,
-                    batch,
-                    watched,
-                    recurse,
-                )
-            )
-
-        return hook
+        )
 
     # ------------------------------------------------------------------ checks
 
-    def validate(self, b: int) -> None:
-        """Every record belongs to this batch of ``b`` samples and is unchanged since the forward."""
-        if not self.uses:
+    def validate(self, b: int, require_records: bool = True) -> None:
+        """Every record belongs to this batch of ``b`` samples and is unchanged since the forward.
+
+        ``require_records``: an empty tape is an error (a rank without samples
+        under a process group may have run no forward).
+        """
+        if not self.uses and require_records:
             raise ValueError(
                 "OPOB: no forward pass was recorded since the last backward (is the model in training "
                 "mode with grad enabled, and was the forward run after attaching OPOB?)"
@@ -210,6 +349,17 @@ class Tape:
                     "[B, ...] (e.g. pos_ids.expand(B, -1)). If this forward belongs to another batch, "
                     "call opob.clear() before the forward you backpropagate."
                 )
+            saved = [t for t in (*u.args, *u.kwargs.values()) if isinstance(t, Tensor)]
+            for k, (t, v) in enumerate(zip(saved, u.versions)):
+                if t._version != v:
+                    where = f"input {k}" if k < len(u.args) else "a keyword input"
+                    raise ValueError(
+                        f"OPOB: {where} of module '{u.name}' ({type(u.module).__name__}) was modified "
+                        "by an inplace operation after the forward (tensor version "
+                        f"{t._version}, {v} when recorded); its per-sample gradient needs the values "
+                        "the forward saw. Use an out-of-place op (x = x + f(x) instead of "
+                        "x += f(x)), or do not reuse the input buffer before the backward."
+                    )
             for t, v in u.watched:
                 if t._version != v:
                     raise ValueError(

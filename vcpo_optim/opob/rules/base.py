@@ -1,9 +1,12 @@
 """Factored per-sample gradients and the rule registry.
 
 A *rule* is a pure function ``rule(module, inputs, grad_output) -> {name: factor}``.
-``inputs`` are the (detached) positional tensor inputs the module was called
-with, ``grad_output`` is the gradient of ``sum_i l_i`` with respect to the
-module's output. Dimension 0 of both is the sample index ``i``. The rule
+``inputs`` are the (detached) tensor arguments the module was called with:
+the positional ones in order, then the keyword ones in the order given
+(non-tensor arguments are left out; a rule that needs them reads them from the
+module). ``grad_output`` is the gradient of ``sum_i l_i`` with respect to the
+module's output. Dimension 0 of ``inputs[0]`` and of ``grad_output`` is the
+sample index ``i``; OPOB checks it for ``inputs[0]``, the rule for the others. The rule
 returns, for each of the module's own trainable parameters (keyed by local
 name, e.g. ``"weight"``), the per-sample gradient of that parameter in one of
 three factored forms:
