@@ -21,6 +21,12 @@ strategies, chosen per parameter by an operation count for the actual shapes:
   buffers until the baseline is known, so it is only used when that is no more
   than the memory the factors themselves occupy.
 
+* ``vchunk`` (parameters with a :class:`~vcpo_optim.opob.rules.base.Softmax`
+  factor, the lean LM head only): per-sample gradients materialised one block
+  of vocabulary rows at a time; the head's ``ghost`` form is in
+  :mod:`vcpo_optim.opob.rules.lm_head` too. Such a parameter is never
+  materialised as ``[B, V, d]``.
+
 Transient buffers are bounded by chunking over samples.
 """
 
@@ -32,7 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .rules.base import Dense, Factor, Outer, Rows
+from .rules import lm_head as _lmh
+from .rules.base import Dense, Factor, Outer, Rows, Softmax
 
 _MIN_CHUNK_ELEMS = 1 << 22
 #: On CPU, per-sample gradient stacks are materialised a few samples at a time so that the
@@ -51,6 +58,8 @@ def acc_dtype(p: Tensor) -> torch.dtype:
 
 
 def _elems(f: Factor) -> int:
+    if isinstance(f, Softmax):
+        return _lmh.elems(f)
     if isinstance(f, Outer):
         return f.a.numel() + f.g.numel()
     if isinstance(f, Rows):
@@ -60,6 +69,8 @@ def _elems(f: Factor) -> int:
 
 def _mat_cost(f: Factor, numel: int) -> float:
     """Materialise ``[B, *shape]`` from the factor."""
+    if isinstance(f, Softmax):
+        return math.inf  # [B, V, d]: never (the head's own strategies block over the vocabulary)
     if isinstance(f, Outer):
         b, t, nb, m = f.g.shape
         return float(b * t * nb * m * f.a.shape[-1]) + KAPPA * b * numel
@@ -71,6 +82,8 @@ def _mat_cost(f: Factor, numel: int) -> float:
 
 def _write_cost(f: Factor, numel: int) -> float:
     """``sum_i c_i F_i`` from the factor."""
+    if isinstance(f, Softmax):
+        return _lmh.write_cost(f)
     if isinstance(f, Outer):
         b, t, nb, m = f.g.shape
         k = f.a.shape[-1]
@@ -82,6 +95,8 @@ def _write_cost(f: Factor, numel: int) -> float:
 
 def _pair_cost(f1: Factor, f2: Factor) -> float:
     """``<F1_i, F2_i>`` for all i without materialising (ghost)."""
+    if isinstance(f1, Softmax) or isinstance(f2, Softmax):
+        return _lmh.ghost_pair_cost(f1, f2)
     if isinstance(f1, Dense) or isinstance(f2, Dense):
         return math.inf
     if isinstance(f1, Outer) and isinstance(f2, Outer):
@@ -161,6 +176,8 @@ def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tens
 
 def _write(f: Factor, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor:
     """``sum_i coeff_i F_i`` as a parameter-shaped tensor."""
+    if isinstance(f, Softmax):
+        return _lmh.write(f, coeff, shape, dt)
     if isinstance(f, Outer):
         g, a = _c(f.g, dt), _c(f.a, dt)
         if a.shape[-1] <= g.shape[-1]:
@@ -197,8 +214,19 @@ class ParamWork:
         return self.param.numel()
 
     def choose(self, batch: int, n_scopes: int, n_writes: int) -> str:
-        """Pick ``ghost``, ``direct`` or ``acc`` by estimated cost (memory-bounded)."""
+        """Pick ``ghost``, ``direct`` or ``acc`` by estimated cost (memory-bounded).
+
+        A parameter with a :class:`Softmax` factor (the lean LM head) is never
+        materialised per sample: ``ghost`` or ``vchunk`` (direct, by blocks of
+        vocabulary rows; :mod:`vcpo_optim.opob.rules.lm_head`).
+        """
         numel, fs = self.numel, self.factors
+        if any(isinstance(f, Softmax) for f in fs):
+            write = n_writes * sum(_write_cost(f, numel) for f in fs)
+            pairs = (_pair_cost(fs[u], fs[v]) for u in range(len(fs)) for v in range(u, len(fs)))
+            head = {"ghost": sum(pairs) + write, "vchunk": _lmh.vchunk_cost(fs, numel) + write}
+            self.strategy = min(head, key=lambda k: head[k])
+            return self.strategy
         mat = sum(_mat_cost(f, numel) for f in fs) + KAPPA * batch * numel * (len(fs) - 1)
         norm = KAPPA * batch * numel
         write = n_writes * sum(_write_cost(f, numel) for f in fs)
@@ -228,12 +256,18 @@ class ParamWork:
     ) -> Tensor:
         """``n_i(p)``; with strategy ``acc`` also fills ``A_R = sum r_i G_i``, ``A_S[s] = sum_{i in s} q_i G_i``."""
         p, dt = self.param, acc_dtype(self.param)
+        if self.strategy == "vchunk":
+            return _lmh.vchunk_sq_norms(self.factors, batch, p.shape, dt)
         if self.strategy == "ghost":
             out = torch.zeros(batch, dtype=dt, device=p.device)
             fs = self.factors
             for u in range(len(fs)):
                 for v in range(u, len(fs)):
                     fu, fv = fs[u], fs[v]
+                    if isinstance(fu, Softmax) or isinstance(fv, Softmax):
+                        d = _lmh.pair_dot(fu, fv, dt)
+                        out += d if u == v else 2 * d
+                        continue
                     assert not isinstance(fu, Dense) and not isinstance(fv, Dense)
                     nb = fu.g.shape[2] if isinstance(fu, Outer) else 1
                     step = self._chunk(2 * nb * fu.g.shape[1] * fv.g.shape[1])

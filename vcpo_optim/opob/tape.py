@@ -293,12 +293,18 @@ class Tape:
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         stops = [get_gradient_edge(t).node for t in tensors if t.requires_grad]
-        if spec.is_rule:
+        custom = getattr(module, "opob_inputs", None) if spec.is_rule else None
+        if custom is not None:  # the module says what its rule needs (TokenLogProbs)
+            saved_args: tuple[Any, ...] = tuple(_detach(a) for a in custom(args, kwargs, output))
+            saved_kwargs: dict[str, Any] = {}
+            first_in = saved_args[0]
+            batch = first_in.shape[0] if first_in.dim() > 0 else -1
+        elif spec.is_rule:
             if not tensors:
                 raise ValueError(f"OPOB: module '{name}' was called without a tensor input")
             # every tensor argument: positional ones first, then keyword ones in call order
-            saved_args: tuple[Any, ...] = tuple(t.detach() for t in tensors)
-            saved_kwargs: dict[str, Any] = {}
+            saved_args = tuple(t.detach() for t in tensors)
+            saved_kwargs = {}
             batch = tensors[0].shape[0] if tensors[0].dim() > 0 else -1
         else:
             saved_args = tuple(_detach(a) for a in args)

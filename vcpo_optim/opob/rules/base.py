@@ -26,10 +26,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["RULES", "Dense", "Factor", "Outer", "Rows", "Rule", "get_rule", "register_rule"]
+__all__ = [
+    "RULES",
+    "Dense",
+    "Factor",
+    "Outer",
+    "Rows",
+    "Rule",
+    "Softmax",
+    "get_rule",
+    "register_rule",
+]
 
 
 @dataclass
@@ -76,7 +87,37 @@ class Dense:
         return self.G.shape[0]
 
 
-Factor = Outer | Rows | Dense
+@dataclass
+class Softmax:
+    """``G_i = sum_t u[i, t]^T h[i, t]`` for the ``[V, d]`` weight of a log-softmax LM head.
+
+    ``u[i, t] = dL/dz[i, t]`` is the gradient of the head's linear logits, a
+    dense ``V``-vector that is never stored: it is recomputed in vocabulary
+    blocks from the hidden states ``h`` (``[B, T, d]``), the token ids ``y``,
+    the per-token log-sum-exp ``lse`` (and entropy ``ent``), the gradients of
+    the log-prob ``g`` and of the entropy ``k`` (all ``[B, T]``; positions
+    with ``g = k = 0`` contribute nothing), the detached ``weight`` / ``bias``
+    and the call's :class:`vcpo_optim.lm_head.HeadSpec` (``spec``). Produced by
+    :class:`vcpo_optim.lm_head.TokenLogProbs`; the norm math is in
+    :mod:`vcpo_optim.opob.rules.lm_head`.
+    """
+
+    h: Tensor
+    y: Tensor
+    lse: Tensor
+    ent: Tensor | None
+    g: Tensor
+    k: Tensor | None
+    weight: Tensor
+    bias: Tensor | None
+    spec: Any
+
+    @property
+    def batch(self) -> int:
+        return self.g.shape[0]
+
+
+Factor = Outer | Rows | Dense | Softmax
 Rule = Callable[[nn.Module, tuple[Tensor, ...], Tensor], dict[str, Factor]]
 
 RULES: dict[type[nn.Module], Rule] = {}
