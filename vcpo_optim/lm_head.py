@@ -108,13 +108,17 @@ def linear_logits(hc: Tensor, wc: Tensor, bc: Tensor | None, spec: HeadSpec) -> 
 
 
 def transform(z: Tensor, spec: HeadSpec) -> tuple[Tensor, Tensor | float]:
-    """``(z'', dz''/dz)`` from linear logits ``z`` (elementwise derivative, or a float)."""
+    """``(z'', dz''/dz)`` from linear logits ``z`` (elementwise derivative, or a float).
+
+    Works in place: ``z`` is consumed.
+    """
     mult = spec.scale / spec.temperature
     if spec.softcap is None:
-        return (z * mult if mult != 1.0 else z), mult
+        return (z.mul_(mult) if mult != 1.0 else z), mult
     c = spec.softcap
-    t = torch.tanh(z * (spec.scale / c))
-    return t * (c / spec.temperature), (1.0 - t * t) * mult
+    t = z.mul_(spec.scale / c).tanh_()
+    dz = torch.mul(t, t).neg_().add_(1.0).mul_(mult)
+    return t.mul_(c / spec.temperature), dz
 
 
 def softmax_rows(
@@ -129,16 +133,17 @@ def softmax_rows(
 
     ``r = (g p + k p (log p + H)) * dz`` with ``p = exp(z2 - lse)``; ``lse``,
     ``ent`` (entropy ``H``), ``g`` (gradient of the log-prob) and ``k``
-    (gradient of the entropy) are per row (``[...]``).
+    (gradient of the entropy) are per row (``[...]``). Works in place: ``z2``
+    is consumed.
     """
-    logp = z2 - lse.unsqueeze(-1)
-    p = torch.exp(logp)
+    logp = z2.sub_(lse.unsqueeze(-1))
     if k is None:
-        r = p * g.unsqueeze(-1)
+        r = logp.exp_().mul_(g.unsqueeze(-1))
     else:
         assert ent is not None
-        r = p * (g.unsqueeze(-1) + k.unsqueeze(-1) * (logp + ent.unsqueeze(-1)))
-    return r * dz if isinstance(dz, Tensor) or dz != 1.0 else r
+        p = torch.exp(logp)
+        r = p.mul_(logp.add_(ent.unsqueeze(-1)).mul_(k.unsqueeze(-1)).add_(g.unsqueeze(-1)))
+    return r.mul_(dz) if isinstance(dz, Tensor) or dz != 1.0 else r
 
 
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -176,21 +181,25 @@ def _forward_stats(
         for t0 in range(0, n, tc):
             t1 = min(n, t0 + tc)
             z2, _ = transform(linear_logits(hc[t0:t1], wc, bc, spec), spec)
-            mo = m[t0:t1]
-            mn = torch.maximum(mo, z2.amax(dim=1))
-            a = torch.exp(mo - mn)  # 0 on the first block (mo = -inf)
-            e = torch.exp(z2 - mn.unsqueeze(1))
-            if s2 is not None:
-                # S2 = sum e^{z - m} (z - m), rescaled to the new running max
-                d = mo - mn
-                prev = torch.where(s1[t0:t1] > 0, s2[t0:t1] + d * s1[t0:t1], s2[t0:t1])
-                s2[t0:t1] = a * prev + (e * (z2 - mn.unsqueeze(1))).sum(dim=1)
-            s1[t0:t1] = a * s1[t0:t1] + e.sum(dim=1)
-            m[t0:t1] = mn
             yy = y[t0:t1]
             inside = (yy >= v0) & (yy < v1)
             zt = z2.gather(1, (yy - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
             tgt[t0:t1] = torch.where(inside, zt, tgt[t0:t1])
+            mo = m[t0:t1]
+            mn = torch.maximum(mo, z2.amax(dim=1))
+            a = torch.exp(mo - mn)  # 0 on the first block (mo = -inf)
+            zs = z2.sub_(mn.unsqueeze(1))
+            e = torch.exp(zs) if s2 is not None else zs.exp_()
+            s1_old = s1[t0:t1]
+            if s2 is not None:
+                # S2 = sum e^{z - m} (z - m), rescaled to the new running max
+                d = mo - mn
+                prev = torch.where(s1_old > 0, s2[t0:t1] + d * s1_old, s2[t0:t1])
+                s1[t0:t1] = a * s1_old + e.sum(dim=1)
+                s2[t0:t1] = a * prev + e.mul_(zs).sum(dim=1)
+            else:
+                s1[t0:t1] = a * s1_old + e.sum(dim=1)
+            m[t0:t1] = mn
     log_s1 = torch.log(s1)
     lse = m + log_s1
     ent = None if s2 is None else log_s1 - s2 / s1
@@ -475,7 +484,7 @@ class TokenLogProbs(nn.Module):
         *,
         temperature: float = 1.0,
         scale: float | None = None,
-        softcap: float | None | str = "config",
+        softcap: float | str | None = "config",
         **kwargs: Any,
     ) -> TokenLogProbs:
         """The lean head of a Hugging Face causal LM (duck-typed; ``transformers`` is not imported).
