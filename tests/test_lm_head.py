@@ -326,3 +326,11 @@ def test_peak_memory_far_below_logits():
     # the weight's gradient (v * d * 4 = 2 MB) is the floor of both
     assert lean < 0.15 * logits_bytes, (lean, logits_bytes)
     assert plain > 5 * lean, (plain, lean)
+
+
+def test_all_positions_masked_gives_zero_gradients():
+    """Every output gradient zero (a fully masked batch): zero gradients, no error."""
+    w, b, h, y = _setup(torch.float64, bias=True, v=80, d=6)
+    out = TokenLogProbs(w, b, chunk_size=50)(h, y)
+    gh, gw, gb = torch.autograd.grad((out * 0).sum(), [h, w, b])
+    assert gh.abs().max() == 0 and gw.abs().max() == 0 and gb.abs().max() == 0

@@ -255,13 +255,27 @@ class _TokenLogProbsFn(torch.autograd.Function):
         dev = h2.device
         g = torch.zeros(n, dtype=acc, device=dev) if g_logp is None else g_logp.to(acc).reshape(n)
         k = None if g_ent is None or not spec.entropy else g_ent.to(acc).reshape(n)
+        # positions whose output gradient is zero (prompt, padding) contribute nothing: skip them
+        active = g != 0 if k is None else (g != 0) | (k != 0)
+        n_act = int(active.sum())
+        rows = None
+        if n_act < n:
+            rows = active.nonzero().squeeze(1)
+            h_all = h2
+            h2, y, lse, g = h2[rows], y[rows], lse[rows], g[rows]
+            ent = None if ent is None else ent[rows]
+            k = None if k is None else k[rows]
+            n = n_act
         with torch.autocast(dev.type, enabled=False):
             hc = h2.to(cdt)
             gh = torch.zeros(n, h2.shape[1], dtype=acc, device=dev) if need_h else None
-            gw = torch.empty_like(weight) if need_w else None
+            if need_w and n == 0:
+                gw = torch.zeros_like(weight)
+            else:
+                gw = torch.empty_like(weight) if need_w else None
             gb = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
             tc, vc = spec.blocks(n, vocab)
-            for v0 in range(0, vocab, vc):
+            for v0 in range(0, vocab if n else 0, vc):
                 v1 = min(vocab, v0 + vc)
                 wc = weight[v0:v1].to(cdt)
                 bc = None if bias is None else bias[v0:v1].to(cdt)
@@ -272,14 +286,14 @@ class _TokenLogProbsFn(torch.autograd.Function):
                     t1 = min(n, t0 + tc)
                     z2, dz = transform(linear_logits(hc[t0:t1], wc, bc, spec), spec)
                     gg = g[t0:t1]
-                    u = -softmax_rows(
+                    u = softmax_rows(
                         z2,
                         dz,
                         lse[t0:t1],
                         None if ent is None else ent[t0:t1],
                         gg,
                         k[t0:t1] if k is not None else None,
-                    )
+                    ).neg_()
                     yy = y[t0:t1]
                     inside = (yy >= v0) & (yy < v1)
                     col = (yy - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
@@ -294,6 +308,8 @@ class _TokenLogProbsFn(torch.autograd.Function):
                         gb[v0:v1] += uc.to(acc).sum(dim=0)
                 if gw is not None and gw_blk is not None:
                     gw[v0:v1] = gw_blk
+        if gh is not None and rows is not None:
+            gh = torch.zeros(h_all.shape, dtype=acc, device=dev).index_copy_(0, rows, gh)
         return (
             None if gh is None else gh.to(h2.dtype),
             gw,

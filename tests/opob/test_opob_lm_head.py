@@ -191,6 +191,24 @@ def test_lean_head_matches_per_sample_loop_float64(monkeypatch, case, tied, stra
     assert seen and all(s == strategy for _, s in seen)
 
 
+@pytest.mark.parametrize("strategy", ["ghost", "vchunk"])
+def test_fully_masked_samples(monkeypatch, strategy):
+    """A sample without any loss token is exact (zero norm from the head); a call in which every
+    token is masked gives zero norms and zero gradients."""
+    torch.manual_seed(0)
+    model = LeanLM(tied=False, bias=True).double()
+    ids, mask = batch()
+    mask[2] = False
+    _force(monkeypatch, strategy, [])
+    r = torch.randn(6, dtype=torch.float64)
+    _check(model, ids, mask, r, None, 1e-9)
+    model.zero_grad(set_to_none=True)
+    with OPOB(model) as opob:
+        res = opob.backward(model.per_sample_loss(ids, mask & False, lean=True), r)
+    assert res.sq_norms.abs().max() == 0
+    assert all(p.grad.abs().max() == 0 for p in model.parameters())
+
+
 def test_fallback_module_sharing_the_head_weight(monkeypatch):
     """A rule-less module reading the head weight (Dense [B, V, d] factor): vocabulary-blocked path."""
     torch.manual_seed(0)

@@ -205,13 +205,13 @@ def _gathered(f: Softmax, p: _Prep, ids: Tensor) -> Tensor:
 def _r_block(f: Softmax, p: _Prep, wc: Tensor, bc: Tensor | None) -> Tensor:
     """``round(r)`` of every token of ``p`` over one vocabulary block: ``[b, T, V_c]``."""
     b, t, d = p.hc.shape
-    z = linear_logits(p.hc.reshape(b * t, d), wc, bc, f.spec).view(b, t, -1)
+    z = linear_logits(p.hc.reshape(b * t, d), wc, bc, f.spec).view(b, t, wc.shape[0])
     return _r(f.spec, z, p)
 
 
 def _u_block(f: Softmax, p: _Prep, v0: int, v1: int, wc: Tensor, bc: Tensor | None) -> Tensor:
     """The (rounded) ``u`` of every token of ``p`` on vocabulary rows ``v0:v1``: ``[b, T, V_c]``."""
-    u = -_r_block(f, p, wc, bc)
+    u = _r_block(f, p, wc, bc).neg_()
     inside = (p.y >= v0) & (p.y < v1)
     col = (p.y - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1)
     return u.scatter_add_(-1, col, (p.alpha * inside).unsqueeze(-1))
