@@ -388,3 +388,34 @@ def test_hf_qwen2_tied_with_lean_head():
     for n, p in policy.named_parameters():
         if p.requires_grad:
             assert rel_err(p.grad, ref_g[n]) < 1e-9, n
+
+
+def test_opob_peak_memory_below_per_sample_weights():
+    """OPOB.backward with the lean head at V = 32768: the [B, V, d] per-sample weight gradients
+    (16 MB) are never formed: the whole call peaks below half of them."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    torch.manual_seed(0)
+    v, d, b, t = 32768, 16, 8, 8
+    model = LeanLM(vocab=v, d=d, tied=True, vocab_chunk=8192, chunk_size=1 << 18)
+    ids = torch.randint(0, v, (b, t + 1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    opob = OPOB(model)
+
+    def step() -> None:
+        opob.backward(model.per_sample_loss(ids, mask, lean=True), torch.randn(b))
+        model.zero_grad(set_to_none=True)
+
+    step()
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    opob.detach()
+    cur = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        cur += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, cur)
+    per_sample = b * v * d * 4
+    assert peak < 0.5 * per_sample, (peak, per_sample)

@@ -9,13 +9,16 @@ module's output. Dimension 0 of ``inputs[0]`` and of ``grad_output`` is the
 sample index ``i``; OPOB checks it for ``inputs[0]``, the rule for the others. The rule
 returns, for each of the module's own trainable parameters (keyed by local
 name, e.g. ``"weight"``), the per-sample gradient of that parameter in one of
-three factored forms:
+these factored forms:
 
 * :class:`Outer` -- ``G_i = sum_t g[i, t]^T a[i, t]`` (Linear, convolution
   after im2col), optionally block-diagonal over ``nb`` blocks (grouped conv);
 * :class:`Rows` -- ``G_i[v] = sum_t [idx[i, t] == v] g[i, t]`` (Embedding);
 * :class:`Dense` -- the materialised ``[B, *param.shape]`` tensor (norms,
-  biases, the vmap fallback).
+  biases, the vmap fallback);
+* :class:`Softmax` -- ``G_i = sum_t u[i, t]^T h[i, t]`` for the weight of the
+  memory-lean LM head (:class:`vcpo_optim.lm_head.TokenLogProbs`), with ``u``
+  recomputed in vocabulary blocks, never stored.
 
 The norm engine (:mod:`vcpo_optim.opob.engine`) turns these into per-sample
 squared norms -- summing the factors of a parameter used several times before
