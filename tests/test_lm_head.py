@@ -352,3 +352,24 @@ def test_weight_gradient_skipped_when_not_needed(monkeypatch):
     calls.clear()
     out.sum().backward()
     assert len(calls) == 3 and w.grad is not None
+
+
+def test_hf_peft_lora():
+    """PEFT LoRA on a tiny Qwen2: the frozen head of the base model is found and exact; a LoRA
+    adapter on lm_head itself (which TokenLogProbs would ignore) is refused."""
+    peft = pytest.importorskip("peft", reason="peft is an optional extra")
+    model = _tiny_hf("qwen2")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    head = TokenLogProbs.from_model(pm)
+    assert head.weight is model.get_output_embeddings().weight
+    assert not head.weight.requires_grad
+    ids = torch.randint(0, 300, (2, 7))
+    assert head.check_against(pm, ids, tol=1e-10) < 1e-10
+    h = pm.get_base_model().base_model(input_ids=ids).last_hidden_state
+    ref = torch.log_softmax(pm(input_ids=ids).logits, -1).gather(-1, ids[..., None])[..., 0]
+    assert (head(h, ids) - ref).abs().max() < 1e-10
+    on_head = peft.get_peft_model(
+        _tiny_hf("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    )
+    with pytest.raises(ValueError, match="LoRA adapter on lm_head"):
+        TokenLogProbs.from_model(on_head)

@@ -532,13 +532,20 @@ class TokenLogProbs(nn.Module):
                 "weight Parameter (get_output_embeddings()); build TokenLogProbs(weight, bias) "
                 "from the head's Parameters instead"
             )
-        if not isinstance(head, nn.Linear):
-            w = head.weight
-            if w.dim() != 2:
-                raise ValueError(
-                    f"TokenLogProbs.from_model: the output embedding {type(head).__name__} has a "
-                    f"weight of shape {tuple(w.shape)}, not [V, d]"
-                )
+        w, bias = head.weight, getattr(head, "bias", None)
+        if w.dim() != 2:
+            raise ValueError(
+                f"TokenLogProbs.from_model: the output embedding {type(head).__name__} has a "
+                f"weight of shape {tuple(w.shape)}, not [V, d]"
+            )
+        extra = [n for n, p in head.named_parameters() if p is not w and p is not bias]
+        if extra:
+            raise ValueError(
+                f"TokenLogProbs.from_model: the output embedding {type(head).__name__} has "
+                f"parameters besides weight and bias ({extra[:4]}, e.g. a LoRA adapter on "
+                "lm_head) that TokenLogProbs would ignore; leave lm_head out of the adapter's "
+                "target modules or merge the adapter first"
+            )
         cfgs = _configs(model)
         if softcap == "config":
             cap = _first(cfgs, "final_logit_softcapping")
@@ -556,9 +563,8 @@ class TokenLogProbs(nn.Module):
                     "it with head.check_against(model, input_ids)."
                 )
             scale = 1.0
-        bias = getattr(head, "bias", None)
         return cls(
-            head.weight,
+            w,
             bias if isinstance(bias, nn.Parameter) else None,
             temperature=temperature,
             softcap=softcap,  # type: ignore[arg-type]
