@@ -84,8 +84,19 @@ def make_figure(res: Results, path: Path, smooth: int = 5) -> Path:
         axes[3, col].set_xlabel("learner step")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(2, len(lags) + 1)), fontsize=9)
+    legend: dict[str, Any] = {}  # every arm once, whichever columns it runs in
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = {a.label: i for i, a in enumerate(ARMS.values())}
+    legend = dict(sorted(legend.items(), key=lambda kv: order.get(kv[0], len(order))))
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="lower center",
+        ncol=min(4, max(2, len(lags) + 1)),
+        fontsize=9,
+    )
     fig.suptitle(
         f"vcpo-demo: {cfg.task} {cfg.length} digits, B={cfg.prompts * cfg.group}, "
         f"lr={cfg.lr:g}, {len(cfg.seeds)} seed(s)",
