@@ -50,19 +50,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="vcpo-demo",
         description=(
             "Simulated PipelineRL-style asynchronous RL on a tiny policy: sync vs async "
-            "(no IS, TIS, VCPO and its ablations) at several policy lags k."
+            "(no IS, TIS, VCPO and its ablations; ESS-targeted TIS, IcePop, M2PO) at several "
+            "policy lags k."
         ),
     )
     p.add_argument("--quick", action="store_true", help="one seed, k in {0, 32}, 150 steps")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    p.add_argument("--lags", type=_ints, help="comma-separated lags k (default 0,8,32,128)")
+    p.add_argument(
+        "--lags",
+        type=_ints,
+        help="comma-separated lags k, every arm at each (default 0,8,32,128, with "
+        "tis-rho,icepop,m2po,vcpo-rho at 32,128 only)",
+    )
+    p.add_argument(
+        "--all-lags", action="store_true", help="run every arm at every lag (the full sweep)"
+    )
     p.add_argument("--seeds", type=_ints, help="comma-separated seed ids (default 0,1,2)")
     p.add_argument("--steps", type=int, help="learner steps per run (default 300)")
     p.add_argument(
         "--arms",
         type=str,
-        help="comma-separated arms, or 'all' (default: all of them, "
-        "sync,sync-vcpo,no-is,is,tis,ess,opob,vcpo)",
+        help="comma-separated arms, or 'all' (default: all of them, sync,sync-vcpo,"
+        "no-is,is,tis,ess,opob,vcpo,tis-rho,icepop,m2po,vcpo-rho)",
     )
     p.add_argument("--lr", type=float, help="learning rate of every arm (default 1e-3)")
     p.add_argument("--prompts", type=int, help="prompts per step (default 16)")
@@ -123,6 +132,8 @@ def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --he
         v = getattr(args, arg)
         if v is not None:
             over[key] = v
+    if args.all_lags or args.lags is not None:
+        over["all_lags"] = True
     if args.arms is not None:
         over["arms"] = tuple(a.name for a in parse_arms(args.arms))
     cfg = dataclasses.replace(Config(), **over)  # type: ignore[arg-type]
@@ -131,6 +142,19 @@ def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --he
     if any(k < 0 for k in cfg.lags):
         raise SystemExit("vcpo-demo: lags must be >= 0")
     return cfg
+
+
+def _cpu_seconds() -> float | None:
+    """User + sys CPU time of this process and its reaped children (the workers)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,8 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_summary_csv(summary, out / "summary.csv")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     res.total_seconds = time.perf_counter() - t0
+    res.total_cpu_seconds = _cpu_seconds()
     md = results_markdown(res, summary, fig.name)
     (out / "results.md").write_text(md)
     print(md.split("\n## Setup")[0])
-    print(f"wrote {out}/results.md, {out}/metrics.jsonl, {fig} in {res.total_seconds:.0f} s")
+    cpu = "" if res.total_cpu_seconds is None else f" ({res.total_cpu_seconds:.0f} s CPU)"
+    print(f"wrote {out}/results.md, {out}/metrics.jsonl, {fig} in {res.total_seconds:.0f} s{cpu}")
     return 0

@@ -14,20 +14,22 @@ step. With ``k = 0`` this is synchronous on-policy RL.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from vcpo_optim import OPOB, VCPOAdamW, effective_sample_size
 from vcpo_optim import losses as L
-from vcpo_optim.demo.arms import Arm
+from vcpo_optim.demo.arms import DEFAULT_ARMS, Arm
 from vcpo_optim.demo.policy import MLPPolicy
 from vcpo_optim.demo.task import Task
+from vcpo_optim.diagnostics import offpolicy_stats
 
 
 @dataclass
@@ -49,9 +51,13 @@ class Config:
         lr, weight_decay, betas, grad_clip: ``VCPOAdamW`` settings; ``grad_clip`` is
             the max total gradient norm (``<= 0`` disables clipping).
         tis_c: TIS threshold. agg: loss aggregation mode.
+        ess_target: target ESS ratio rho of the ESS-targeted cap (arms with ``ess_cap``).
+        icepop_band: IcePop's ratio band ``(low, high)``. m2po_tau: M2PO's threshold.
         eval_every, eval_prompts: held-out accuracy schedule and set size.
     Sweep:
         lags, seeds, arms.
+        all_lags: run every arm at every lag of ``lags`` (by default an arm with
+            ``Arm.lags`` runs only at those).
     """
 
     task: str = "reverse"
@@ -73,11 +79,15 @@ class Config:
     grad_clip: float = 1.0
     tis_c: float = 8.0
     agg: str = "seq-mean-token-mean"
+    ess_target: float = 0.5
+    icepop_band: tuple[float, float] = (0.5, 5.0)
+    m2po_tau: float = 0.04
     eval_every: int = 10
     eval_prompts: int = 512
     lags: tuple[int, ...] = (0, 8, 32, 128)
     seeds: tuple[int, ...] = (0, 1, 2)
-    arms: tuple[str, ...] = ("sync", "sync-vcpo", "no-is", "is", "tis", "ess", "opob", "vcpo")
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    all_lags: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def make_task(self) -> Task:
@@ -122,6 +132,66 @@ def warmup(cfg: Config, seed: int) -> tuple[dict[str, Tensor], float]:
     return copy.deepcopy(policy.state_dict()), acc
 
 
+class Correction(NamedTuple):
+    """The off-policy correction an arm applies to one batch.
+
+    Attributes:
+        weights: ``[B]`` sequence weights in the loss.
+        token_weights: ``[B, T]`` token weights in the loss, or ``None``.
+        log_cap: log of the truncation cap of the sequence weights (``inf``: none).
+        keep: ``[B, T]`` token keep-mask of a masking correction, or ``None``.
+    """
+
+    weights: Tensor
+    token_weights: Tensor | None
+    log_cap: float
+    keep: Tensor | None
+
+
+class Diverged(Exception):
+    """The arm's weights overflow: its run has diverged (raw IS, or an uncapped ESS target)."""
+
+
+def correction(
+    cfg: Config,
+    arm: Arm,
+    logp: Tensor,
+    logp_old: Tensor,
+    mask: Tensor,
+    lw: Tensor,
+    advantages: Tensor,
+) -> Correction:
+    """The weights ``arm`` puts in the loss for one batch (see :mod:`vcpo_optim.demo.arms`).
+
+    ``advantages`` (GRPO, one per trajectory) select M2PO's trust-region tokens.
+    Raises :class:`Diverged` if the weights overflow the policy's dtype (the loss
+    is computed in it): raw IS weights, or an ESS target met without any cap.
+    """
+    keep = token_weights = None
+    if arm.token_correction is not None:
+        if arm.token_correction == "icepop":
+            keep = L.icepop_mask(logp, logp_old, mask, *cfg.icepop_band)
+        else:
+            keep = L.m2po_mask(logp, logp_old, mask, cfg.m2po_tau, advantages=advantages)
+        x = L.token_log_ratios(logp, logp_old, mask)
+        token_weights = torch.where(keep, x.exp(), torch.zeros_like(x))
+    try:
+        if arm.ess_cap:
+            log_cap = float(L.ess_truncation_cap(lw, cfg.ess_target))
+            weights = L.importance_weights(lw, "tis", ess_target=cfg.ess_target)
+        else:
+            log_cap = math.log(cfg.tis_c) if arm.is_mode == "tis" else math.inf
+            weights = L.importance_weights(lw, arm.is_mode, cfg.tis_c)  # type: ignore[arg-type]
+    except ValueError as exc:  # overflow of float64 weights
+        if arm.is_mode == "is" or arm.ess_cap:
+            raise Diverged(str(exc)) from exc
+        raise
+    for name, w in (("sequence", weights), ("token", token_weights)):
+        if w is not None and not bool(torch.isfinite(w.to(logp.dtype)).all()):
+            raise Diverged(f"{name} importance weights overflow {logp.dtype} (the loss's dtype)")
+    return Correction(weights, token_weights, log_cap, keep)
+
+
 StepCallback = Callable[[dict[str, Any]], None]
 
 
@@ -137,13 +207,22 @@ def run_arm(
 ) -> list[dict[str, Any]]:
     """Train one arm at one lag from the base policy; return per-step metric rows.
 
-    Each row has: ``seed, arm, k, step, behaviour_version, reward, ess, ess_ratio,
-    lr_scale, grad_norm`` (total norm before clipping), ``lw_max, lw_min, lw_std``,
-    ``accuracy`` (held-out, every ``eval_every`` steps and at the end, else None),
-    ``elapsed_s``. If raw IS weights overflow (arm ``is``), a last row with a
-    ``diverged`` message and the accuracy at that point ends the run. Row ``step = t`` describes the update from version ``t`` to
-    ``t + 1``; accuracy on that row is measured *after* the update. One extra row
-    with ``step = -1`` holds the base accuracy.
+    Each row has: ``seed, arm, k, step, behaviour_version, lag`` (``step -
+    behaviour_version``, the lag of every trajectory of the batch), ``reward, ess,
+    ess_ratio`` (of the raw sequence weights), ``lr_scale, grad_norm`` (total norm
+    before clipping), ``lw_max, lw_min, lw_std``, the weights the arm used:
+    ``weight_ess_ratio`` (ESS/B of its sequence weights; ``None`` for the token
+    corrections), ``log_cap`` (log of its truncation cap, ``None`` if uncapped),
+    ``frac_capped`` (fraction of trajectories above the cap, ``None`` if uncapped),
+    ``token_masked_frac`` (IcePop/M2PO: fraction of response tokens with weight 0,
+    else ``None``); every field of :func:`vcpo_optim.diagnostics.offpolicy_stats`
+    of the batch (``tis_cap=cfg.tis_c``) under ``offpolicy/<field>``; ``accuracy``
+    (held-out, every ``eval_every`` steps and at the end, else None) and
+    ``elapsed_s``. If the weights overflow (see :func:`correction`), a last row
+    with a ``diverged`` message and the accuracy at that point ends the run. Row
+    ``step = t`` describes the update from version ``t`` to ``t + 1``; accuracy
+    on that row is measured *after* the update. One extra row with ``step = -1``
+    holds the base accuracy.
 
     ``on_step`` (for tests) gets a dict with the step, the behaviour version, the
     behaviour and current state dicts and the batch before each update.
@@ -160,7 +239,7 @@ def run_arm(
         weight_decay=cfg.weight_decay,
         base_ess_ratio=1.0,
     )
-    opob = OPOB(policy, scope="group", norm_by_std=True) if arm.opob else None
+    opob = OPOB(policy, scope="group", norm_by_std=True, **arm.opob_kwargs()) if arm.opob else None
     n_b = cfg.prompts * cfg.group
     groups = torch.arange(cfg.prompts).repeat_interleave(cfg.group)
     mask = torch.ones(n_b, task.response_len, dtype=torch.bool)
@@ -198,14 +277,11 @@ def run_arm(
         # --- learner
         logp = policy.token_logp(x, y)
         lw = L.sequence_log_weights(logp, logp_old, mask)
+        diagnostics = offpolicy_stats(logp, logp_old, mask, tis_cap=cfg.tis_c)
+        adv = L.grpo_advantages(rewards, groups)
         try:
-            weights = L.importance_weights(lw, arm.is_mode, cfg.tis_c)  # type: ignore[arg-type]
-        except ValueError as exc:  # raw IS overflowing float32: the run has diverged
-            if arm.is_mode != "is":
-                raise
-            opt.zero_grad(set_to_none=True)
-            if opob is not None:
-                opob.clear()
+            corr = correction(cfg, arm, logp, logp_old, mask, lw, adv)
+        except Diverged as exc:  # the run has diverged
             rows.append(
                 {
                     **common,
@@ -221,11 +297,24 @@ def run_arm(
             break
         opt.zero_grad(set_to_none=True)
         if opob is not None:
-            loss_vec = L.per_sample_pg_loss(logp, mask, None, weights, cfg.agg)  # type: ignore[arg-type]
+            loss_vec = L.per_sample_pg_loss(
+                logp,
+                mask,
+                None,
+                corr.weights,
+                cfg.agg,  # type: ignore[arg-type]
+                token_weights=corr.token_weights,
+            )
             opob.backward(loss_vec, rewards, groups)
         else:
-            adv = L.grpo_advantages(rewards, groups)
-            loss_vec = L.per_sample_pg_loss(logp, mask, adv, weights, cfg.agg)  # type: ignore[arg-type]
+            loss_vec = L.per_sample_pg_loss(
+                logp,
+                mask,
+                adv,
+                corr.weights,
+                cfg.agg,  # type: ignore[arg-type]
+                token_weights=corr.token_weights,
+            )
             loss_vec.sum().backward()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
@@ -241,10 +330,12 @@ def run_arm(
             opt.step()
             res = effective_sample_size(log_weights=lw)
             ess, ess_ratio, lr_scale = float(res.ess), float(res.ratio), 1.0
+        capped = math.isfinite(corr.log_cap)
         row: dict[str, Any] = {
             **common,
             "step": t,
             "behaviour_version": version,
+            "lag": t - version,
             "reward": float(rewards.mean()),
             "ess": ess,
             "ess_ratio": ess_ratio,
@@ -253,6 +344,17 @@ def run_arm(
             "lw_max": float(lw.max()),
             "lw_min": float(lw.min()),
             "lw_std": float(lw.std()) if lw.numel() > 1 else 0.0,
+            "weight_ess_ratio": (
+                None
+                if corr.keep is not None
+                else float(effective_sample_size(weights=corr.weights).ratio)
+            ),
+            "log_cap": corr.log_cap if capped else None,
+            "frac_capped": float((lw > corr.log_cap).double().mean()) if capped else None,
+            "token_masked_frac": (
+                None if corr.keep is None else float(1.0 - corr.keep.sum() / mask.sum())
+            ),
+            **diagnostics.as_dict(prefix="offpolicy/"),
             "accuracy": None,
         }
         if (t + 1) % cfg.eval_every == 0 or t == cfg.steps - 1:

@@ -31,9 +31,10 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
 
 def make_figure(res: Results, path: Path, smooth: int = 5) -> Path:
     """One column per lag > 0 (lag 0 alone if that is all there is); rows: accuracy,
-    ESS ratio, gradient norm. Lines are means over seeds (accuracy with a min-max
-    band); ESS ratio and gradient norm are smoothed with a ``smooth``-step moving
-    average. The sync arms (k = 0) are drawn in every column for reference."""
+    ESS ratio, gradient norm, K3 KL per token. Lines are means over seeds (accuracy
+    with a min-max band); the other rows are smoothed with a ``smooth``-step moving
+    average. The sync arms (k = 0) are drawn in every column for reference (not in
+    the K3 row: their K3 is exactly 0)."""
     cfg = res.cfg
     runs: dict[tuple[str, int], list[list[dict[str, Any]]]] = {}
     by: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
@@ -44,14 +45,17 @@ def make_figure(res: Results, path: Path, smooth: int = 5) -> Path:
     lags = [k for k in cfg.lags if k > 0] or [0]
     sync_keys = [key for key in runs if key[1] == 0]
     width = max(9.0, 4.6 * len(lags))
-    fig, axes = plt.subplots(3, len(lags), figsize=(width, 10.0), squeeze=False)
+    keys_by_row = ("accuracy", "ess_ratio", "grad_norm", "offpolicy/k3_kl_token_mean")
+    fig, axes = plt.subplots(len(keys_by_row), len(lags), figsize=(width, 13.0), squeeze=False)
     for col, k in enumerate(lags):
         keys = [key for key in runs if key[1] == k and k > 0] + sync_keys
         for arm, kk in keys:
             color = COLORS.get(arm, None)
             ls = "--" if kk == 0 else "-"
             label = ARMS[arm].label if kk == 0 else f"{ARMS[arm].label}"
-            for row_i, key in enumerate(("accuracy", "ess_ratio", "grad_norm")):
+            for row_i, key in enumerate(keys_by_row):
+                if kk == 0 and key.startswith("offpolicy/k3"):
+                    continue
                 series = [_series(rows, key) for rows in runs[(arm, kk)]]
                 n = min(len(s[0]) for s in series)
                 x = series[0][0][:n]
@@ -73,17 +77,32 @@ def make_figure(res: Results, path: Path, smooth: int = 5) -> Path:
         axes[2, col].set_ylabel(f"grad norm, pre-clip (moving avg {smooth})")
         if any((line.get_ydata() > 0).any() for line in axes[2, col].get_lines()):
             axes[2, col].set_yscale("log")
-        axes[2, col].set_xlabel("learner step")
+        axes[3, col].set_ylabel(f"K3 KL(mu ‖ pi) / token (moving avg {smooth})")
+        if any((line.get_ydata() > 0).any() for line in axes[3, col].get_lines()):
+            axes[3, col].set_yscale("log")
+            axes[3, col].set_ylim(bottom=1e-4)
+        axes[3, col].set_xlabel("learner step")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(2, len(lags) + 1)), fontsize=9)
+    legend: dict[str, Any] = {}  # every arm once, whichever columns it runs in
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = {a.label: i for i, a in enumerate(ARMS.values())}
+    legend = dict(sorted(legend.items(), key=lambda kv: order.get(kv[0], len(order))))
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="lower center",
+        ncol=min(4, max(2, len(lags) + 1)),
+        fontsize=9,
+    )
     fig.suptitle(
         f"vcpo-demo: {cfg.task} {cfg.length} digits, B={cfg.prompts * cfg.group}, "
         f"lr={cfg.lr:g}, {len(cfg.seeds)} seed(s)",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
