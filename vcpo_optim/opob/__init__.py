@@ -6,6 +6,8 @@
   kept for code written against the former subclass).
 - :func:`register_rule`: add a per-sample gradient rule for a module type.
 - :mod:`vcpo_optim.opob.baseline`: ``b*`` per scope (mean / weighted median / winsorized mean).
+- :func:`reference_norm_weights`: the ``norm_weights`` that reproduce the
+  research code's baseline weights.
 
 Inside: :mod:`~vcpo_optim.opob.tape` (what the forward saw),
 :mod:`~vcpo_optim.opob.step` (one backward call), :mod:`~vcpo_optim.opob.distributed`
@@ -13,7 +15,7 @@ Inside: :mod:`~vcpo_optim.opob.tape` (what the forward saw),
 :mod:`~vcpo_optim.opob.rules` (one file per layer family).
 """
 
-from .baseline import scope_baselines, scope_inv_std
+from .baseline import reference_norm_weights, scope_baselines, scope_inv_std
 from .hook import OPOB, OPOBResult
 from .rules import Dense, Outer, Rows, register_rule
 
@@ -28,6 +30,7 @@ __all__ = [
     "OPOBResult",
     "Outer",
     "Rows",
+    "reference_norm_weights",
     "register_rule",
     "scope_baselines",
     "scope_inv_std",

@@ -26,13 +26,17 @@ winsorized mean need the per-sample values themselves.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = [
     "AGGS",
     "N_STATS",
+    "REFERENCE_LOSS_AGG_MODES",
     "merge_stats",
+    "reference_norm_weights",
     "scope_baselines",
     "scope_inv_std",
     "scope_stats",
@@ -182,3 +186,107 @@ def stats_inv_std(stats: Tensor) -> Tensor:
     return torch.where(
         const, torch.zeros_like(var), torch.rsqrt(torch.where(const, torch.ones_like(var), var))
     )
+
+
+# ----------------------------------------------------------------------------- the research code
+
+#: ``loss_agg_mode`` values the research code allows with its gradient baseline.
+REFERENCE_LOSS_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def reference_norm_weights(
+    lengths: Tensor,
+    log_weights: Tensor | None = None,
+    *,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    normalize_by_length: bool = False,
+    use_is_weights: bool = True,
+    is_threshold: float | None = None,
+) -> Tensor:
+    r"""``norm_weights`` that make OPOB's baseline the research code's (mit-han-lab/vcpo).
+
+    The research code (``compute_opob_baseline`` in
+    ``recipe/fully_async_policy/staleness_utils.py``, with the per-trajectory norm of
+    ``MegatronPPOActor._compute_grad_norms``) weights reward ``R_i`` by
+
+        ``W_i = (L_i ||grad l_i||)^2 * w_i^2 / (L_i^2 if normalize_by_length)``
+
+    where ``l_i`` is its per-trajectory loss (advantage 1, the truncated weight
+    ``min(w_i, rollout_is_threshold)`` inside, token mean over the ``L_i``
+    response tokens for ``loss_agg_mode="seq-mean-token-mean"``), the factor
+    ``L_i`` appears only in that mode (it rescales the token-mean gradient to
+    the token-sum one), and ``w_i = exp(lw_i)`` is the untruncated sequence
+    weight (``use_clipped_is_ratios=True``: ``min(w_i, threshold)``; the factor
+    is absent with ``use_is_weights=False``). With OPOB's ``n_i = ||grad l_i||^2``
+    of the same loss, ``W_i = m_i n_i`` with the ``m_i`` returned here:
+
+        ``m_i = L_i^2 [token mean] / L_i^2 [normalize_by_length] * w_i^2 [use_is_weights]``
+
+    computed in float64 in log space. Pass ``opob.backward(loss, rewards, groups,
+    norm_weights=m)`` with ``OPOB(..., agg=..., norm_by_std=...)`` as in the
+    reference's config (``winsor_q=0.05`` for its winsorized mean; see the README,
+    "Differences from the research code", for what is not reproduced: the
+    ``eps=1e-8`` in its denominators and its float32 overflow).
+
+    Args:
+        lengths: ``[B]`` response lengths ``L_i >= 1`` (tokens in the loss).
+        log_weights: ``[B]`` sequence log importance weights
+            ``lw_i = sum_t (log pi_theta - log mu)`` (the reference's
+            ``rollout_seq_is`` is ``exp(lw_i)``); required when ``use_is_weights``.
+        loss_agg_mode: the reference's ``loss_agg_mode`` (one of
+            :data:`REFERENCE_LOSS_AGG_MODES`; default ``"seq-mean-token-mean"``).
+        normalize_by_length: ``grad_baselining.normalize_by_length`` (default ``False``).
+        use_is_weights: ``grad_baselining.use_is_weights`` (default ``True``).
+        is_threshold: ``rollout_is_threshold`` when ``use_clipped_is_ratios=True``
+            (weights ``min(w_i, is_threshold)``); default ``None`` (untruncated,
+            the reference's default ``use_clipped_is_ratios=False``).
+
+    Returns:
+        ``[B]`` float64 multipliers (on the device of ``lengths``).
+
+    Raises:
+        ValueError: a bad mode, lengths that are not finite and ``>= 1``, missing or
+            non-finite log weights, a threshold that is not ``> 0``, or weights whose
+            square overflows float64 (``lw_i`` above about 350; the reference's own
+            float32 ``exp`` overflows from ``lw_i > 88.7``).
+    """
+    if loss_agg_mode not in REFERENCE_LOSS_AGG_MODES:
+        raise ValueError(
+            f"reference_norm_weights: loss_agg_mode must be one of {REFERENCE_LOSS_AGG_MODES} "
+            f"(the modes the research code allows with its baseline), got {loss_agg_mode!r}"
+        )
+    length = torch.as_tensor(lengths).to(torch.float64)
+    if length.dim() != 1:
+        raise ValueError(f"reference_norm_weights: lengths must be [B], got {tuple(length.shape)}")
+    if not bool(torch.isfinite(length).all()) or bool((length < 1).any()):
+        raise ValueError("reference_norm_weights: lengths must be finite and >= 1")
+    log_m = torch.zeros_like(length)
+    if loss_agg_mode == "seq-mean-token-mean":
+        log_m = log_m + 2 * length.log()
+    if normalize_by_length:
+        log_m = log_m - 2 * length.log()
+    if use_is_weights:
+        if log_weights is None:
+            raise ValueError("reference_norm_weights: use_is_weights=True needs log_weights")
+        lw = torch.as_tensor(log_weights).to(device=length.device, dtype=torch.float64)
+        if tuple(lw.shape) != tuple(length.shape):
+            raise ValueError(
+                f"reference_norm_weights: log_weights must have the shape of lengths "
+                f"{tuple(length.shape)}, got {tuple(lw.shape)}"
+            )
+        if not bool(torch.isfinite(lw).all()):
+            raise ValueError("reference_norm_weights: log_weights contain NaN or Inf")
+        if is_threshold is not None:
+            if not is_threshold > 0:
+                raise ValueError(
+                    f"reference_norm_weights: is_threshold must be > 0, got {is_threshold}"
+                )
+            lw = lw.clamp(max=math.log(is_threshold))
+        log_m = log_m + 2 * lw
+    m = log_m.exp()
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(
+            "reference_norm_weights: w_i^2 L_i^2 overflows float64 (log weights above about "
+            "350); the research code itself is NaN from lw_i > 88.7 (float32 exp)"
+        )
+    return m

@@ -72,6 +72,7 @@ __all__ = [
     "gather_varlen",
     "is_dtensor",
     "local",
+    "sq_sum",
 ]
 
 
@@ -404,7 +405,9 @@ class GradReducer:
         c = contrib.detach()
         self._buffer[id(real)] = c.clone() if prev is None else prev + c
 
-    def flush(self, buffer: dict[int, Tensor], error: BaseException | None) -> list[Tensor]:
+    def flush(
+        self, buffer: dict[int, Tensor], error: BaseException | None, extra: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor | None]:
         """Reduce the buffered contributions over the data-parallel group and write ``.grad``.
 
         The last agreement of a call: ``error`` (a failure on this rank since the
@@ -414,7 +417,13 @@ class GradReducer:
         plain bucket, e.g. FSDP2). On a flag every rank raises the same
         ``ValueError`` and no ``.grad`` is written: all collectives complete before
         the first write. Returns the parameters whose ``.grad`` was written (the
-        same on every rank).
+        same on every rank) and ``extra`` summed over the data-parallel group.
+
+        ``extra``: a short float64 vector of per-rank sums (the statistics of the
+        per-sample clipping and of the noise scale) that rides in the same
+        collective (the first bucket, in its dtype; in the flag all-gather when
+        there is no plain bucket); returned as float64 on its device, without a
+        host sync when it rode in a bucket.
         """
         error = agree_tp(error, self.tp_group)
         group = self.dp_group()
@@ -435,6 +444,8 @@ class GradReducer:
         agreed = group is None
         if group is None and error is not None:
             raise error
+        n_extra = 0 if extra is None else extra.numel()
+        extra_sum = extra if group is None else None
         for dt, ps in by_dtype.items():
             device = ps[0].device
             chunks, present = [], []
@@ -450,6 +461,8 @@ class GradReducer:
                 flags = torch.zeros(world, dtype=dt, device=device)
                 flags[rank] = flag_code(error)
                 tail.append(flags)
+                if extra is not None:
+                    tail.append(extra.to(device=device, dtype=dt))
             flat = torch.cat([*chunks, *tail])
             if group is not None:
                 cdev = _dist.collective_device(group, flat.device)
@@ -457,6 +470,9 @@ class GradReducer:
                 dist.all_reduce(red, group=group)
                 flat = red.to(device)
             if carry:
+                if extra is not None:
+                    extra_sum = flat[flat.numel() - n_extra :].to(extra.device, torch.float64)
+                    flat = flat[: flat.numel() - n_extra]
                 err = agreed_error(flat[-world:].tolist(), error, group, _WHAT)
                 if err is not None:
                     raise err from error
@@ -474,12 +490,50 @@ class GradReducer:
                 if flat[n_grad + k] != 0:  # some rank had a gradient for p
                     writes.append((p, seg.reshape(shape)))
         if not agreed:
-            agree(error, group, _WHAT)
+            rows = agree(error, group, _WHAT, None if extra is None else extra.tolist())
+            if extra is not None:
+                extra_sum = torch.tensor(rows, dtype=torch.float64).sum(0).to(extra.device)
         if fsdp:
             writes += self._reduce_fsdp(fsdp, buffer, scale)
         for p, g in writes:
             self._write_local(p, g)
-        return [p for p, _ in writes]
+        return [p for p, _ in writes], extra_sum
+
+    def grad_sq_norm(self, device: torch.device) -> Tensor:
+        """``||.grad||^2`` over the tracked parameters, global: a 0-d float64 tensor on ``device``.
+
+        Plain gradients (replicated on every data-parallel rank once reduced, or
+        replicated over the TP group) count once; a ``DTensor`` gradient's local
+        squares are summed over the mesh dimensions on which it is sharded (FSDP2's
+        ``Shard(0)``, HSDP's shard dimension, a TP shard), its replicated dimensions
+        count once. One all-reduce per sharded layout (none for plain / DDP
+        parameters); no host sync.
+        """
+        plain: list[Tensor] = []
+        sharded: dict[tuple[int, tuple[int, ...]], tuple[Any, list[Tensor]]] = {}
+        for p in self.order:
+            g = p.grad
+            if g is None:
+                continue
+            if is_dtensor(g):
+                dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
+                if dims:
+                    key = (id(g.device_mesh), dims)
+                    sharded.setdefault(key, (g.device_mesh, []))[1].append(g.to_local())
+                    continue
+                g = g.to_local()
+            plain.append(g)
+        total = sq_sum(plain, device)
+        for (_, dims), (mesh, gs) in sharded.items():
+            t = sq_sum(gs, device)
+            for d in dims:
+                grp = mesh.get_group(d)
+                cdev = _dist.collective_device(grp, device)
+                buf = t.to(cdev)
+                dist.all_reduce(buf, group=grp)
+                t = buf.to(device)
+            total = total + t
+        return total
 
     def _local_shape(self, p: Tensor) -> torch.Size:
         return p.to_local().shape if is_dtensor(p) and not self.fsdp else p.shape
@@ -613,6 +667,15 @@ class GradReducer:
     def real_param(self, p: Tensor) -> Tensor:
         """The TP ``DTensor`` parameter behind a stand-in (``p`` itself otherwise)."""
         return self.tp_params.get(id(p), p)
+
+
+def sq_sum(grads: list[Tensor], device: torch.device) -> Tensor:
+    """``sum_g ||g||^2`` in float64 on ``device`` (each norm accumulated in float32 or float64)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        n = torch.linalg.vector_norm(g.detach(), dtype=acc_dtype(g))
+        total = total + n.to(device=device, dtype=torch.float64).square()
+    return total
 
 
 def write_plain(p: Tensor, contrib: Tensor) -> None:

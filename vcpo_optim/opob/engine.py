@@ -213,12 +213,14 @@ class ParamWork:
     def numel(self) -> int:
         return self.param.numel()
 
-    def choose(self, batch: int, n_scopes: int, n_writes: int) -> str:
+    def choose(self, batch: int, n_scopes: int, n_writes: int, accumulate: bool = True) -> str:
         """Pick ``ghost``, ``direct`` or ``acc`` by estimated cost (memory-bounded).
 
         A parameter with a :class:`Softmax` factor (the lean LM head) is never
         materialised per sample: ``ghost`` or ``vchunk`` (direct, by blocks of
         vocabulary rows; :mod:`vcpo_optim.opob.rules.lm_head`).
+        ``accumulate=False`` rules out ``acc``: its accumulators fix the coefficients to
+        ``q_i (r_i - b_s)`` before the norms are known, which per-sample clipping breaks.
         """
         numel, fs = self.numel, self.factors
         if any(isinstance(f, Softmax) for f in fs):
@@ -234,7 +236,7 @@ class ParamWork:
         ghost = sum(_pair_cost(fs[u], fs[v]) for u in range(len(fs)) for v in range(u, len(fs)))
         costs["ghost"] = ghost + write
         held = (n_scopes + 1) * numel
-        if held <= max(sum(_elems(f) for f in fs), 1 << 16):
+        if accumulate and held <= max(sum(_elems(f) for f in fs), 1 << 16):
             costs["acc"] = mat + norm + max(float(held * batch), KAPPA * batch * numel)
         self.strategy = min(costs, key=lambda k: costs[k])
         return self.strategy

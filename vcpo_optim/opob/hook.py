@@ -15,6 +15,8 @@ See :class:`OPOB` for the math and the contract.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 import weakref
 from typing import Any
@@ -119,6 +121,61 @@ class OPOB:
             concatenated batch) or ``"mean"`` (divided by the data-parallel
             group size: DDP's convention, right when each rank's ``l_i``
             carries ``1/B_local`` with equal local batch sizes).
+        max_sample_grad_norm: default ``None`` (no clipping). A number ``C > 0``
+            bounds each trajectory's contribution to ``.grad``: the coefficient
+            becomes ``f_i c_i`` with ``f_i = min(1, C / (|c_i| sqrt(n_i)))``, so
+            that ``||f_i c_i grad l_i|| <= C`` (``c_i`` after the baseline and the
+            std scale; ``n_i`` the true squared norm, not multiplied by
+            ``norm_weights``). No extra backward: the norms are already there.
+            The baseline is computed from the unclipped ``n_i`` first (see
+            below). With ``scope="batch"`` the optimizer step must be one
+            :meth:`backward` call (a second call in the step raises).
+
+    Per-trajectory clipping (``max_sample_grad_norm``) is Opacus-style
+    clipping of the summands actually written: each ``x_i = c_i grad l_i``
+    with its final coefficient, after the baseline. The baseline is the
+    variance-optimal one of the *unclipped* estimator ``sum_i c_i grad l_i``,
+    from the unclipped ``n_i``; the clip then acts on the (baselined)
+    contributions, so it bounds the influence of one trajectory
+    (``||x_i|| <= C``), which truncating its importance weight does not (a
+    long trajectory or a large ``|R_i - b|`` still scales its gradient). A
+    baseline of the clipped estimator would be circular: the clip factors
+    depend on the baseline, and ``sum_i f_i(b) (R_i - b) grad l_i`` has no
+    closed-form variance minimiser. ``OPOBResult.clip_factors`` holds ``f_i``,
+    ``num_clipped`` the number of clipped samples of the call (all ranks).
+
+    Gradient noise scale (``OPOBResult.noise_scale``, always computed). With
+    the per-sample contributions ``x_i = c_i grad l_i`` (final, clipped
+    coefficients) of the ``B`` samples of the optimizer step so far (all
+    calls of the step, all ranks), ``S = sum_i |x_i|^2 = sum_i c_i^2 n_i`` and
+    ``P = |sum_i x_i|^2`` (the squared norm of the gradient OPOB wrote in the
+    step, over all trainable parameters: data-parallel replicas counted once,
+    tensor-parallel and FSDP2 shards summed; with ``grad_reduction="mean"``
+    rescaled to the sum), the unbiased estimates for ``G = E[x_i]`` and the
+    per-sample covariance ``Sigma`` (McCandlish et al. 2018, appendix A, with
+    the two batch sizes 1 and ``B``) are
+
+        ``noise_grad_sq = |G|^2 est = (P - S) / (B (B - 1))``
+        (``= sum_{i != j} <x_i, x_j> / (B (B - 1))``),
+        ``noise_trace = tr(Sigma) est = (B S - P) / (B (B - 1))``,
+        ``noise_scale = B_simple = tr(Sigma) / |G|^2 = (B S - P) / (P - S)``.
+
+    The ratio of the two unbiased estimates is not itself unbiased and is
+    noisy (negative when ``P < S``): average ``noise_trace`` and
+    ``noise_grad_sq`` over steps and take the ratio of the averages. It treats
+    the ``x_i`` as independent draws (the baseline couples them slightly).
+    Per step, not per call: with several calls in a step (gradient
+    accumulation) each result holds the estimate over the step so far, the
+    last call's is the step's; with ``scope="batch"`` the earlier calls'
+    contributions are counted with the step's current baseline (as written
+    in ``.grad``). NaN when ``B < 2``, or when ``.grad`` held a non-zero
+    gradient when the step's first call began, or (``scope="group"``) a
+    gradient OPOB wrote was changed in place between two calls of the step:
+    ``P`` is read from ``.grad``, which then holds more than OPOB's
+    gradient. Cost: ``S`` and ``B`` ride in the gradient reduction (no extra
+    collective with DDP); ``P`` is one pass over the gradients (one small
+    all-reduce for FSDP2 / tensor-parallel shards); no host sync on the
+    unsharded path.
 
     Data and tensor parallelism: OPOB writes ``.grad`` outside autograd, so
     DDP's and FSDP2's gradient hooks never see it; OPOB reduces its own
@@ -184,6 +241,7 @@ class OPOB:
         winsor_q: float = 0.1,
         tensor_parallel_group: Any = None,
         grad_reduction: str = "sum",
+        max_sample_grad_norm: float | None = None,
     ) -> None:
         if scope not in ("group", "batch"):
             raise ValueError(f"OPOB: scope must be 'group' or 'batch', got {scope!r}")
@@ -195,6 +253,20 @@ class OPOB:
             raise ValueError(
                 f"OPOB: grad_reduction must be 'sum' or 'mean', got {grad_reduction!r}"
             )
+        if max_sample_grad_norm is not None:
+            c = max_sample_grad_norm
+            if (
+                isinstance(c, bool)
+                or not isinstance(c, numbers.Real)
+                or not math.isfinite(c)
+                or c <= 0
+            ):
+                raise ValueError(
+                    "OPOB: max_sample_grad_norm must be a finite number > 0 (or None for no "
+                    f"clipping), got {c!r}"
+                )
+            max_sample_grad_norm = float(c)
+        self.max_sample_grad_norm = max_sample_grad_norm
         self.model = model
         self.scope = scope
         self.agg = agg
@@ -319,7 +391,9 @@ class OPOB:
             old.detach(replaced=True)
         self._tape = tape = Tape(f"the OPOB created for {type(model).__name__} at {id(self):#x}")
         self._step = Step(
-            Config(self.scope, self.agg, self.norm_by_std, self.winsor_q),
+            Config(
+                self.scope, self.agg, self.norm_by_std, self.winsor_q, self.max_sample_grad_norm
+            ),
             tape,
             self._reducer,
             self._params,
@@ -395,7 +469,14 @@ class OPOB:
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self, per_sample_loss: Tensor, rewards: Any, groups: Any = None) -> OPOBResult:
+    def backward(
+        self,
+        per_sample_loss: Tensor,
+        rewards: Any,
+        groups: Any = None,
+        *,
+        norm_weights: Any = None,
+    ) -> OPOBResult:
         """One batched backward: per-sample norms, baselines, and ``sum_i c_i grad l_i`` into ``.grad``.
 
         Args:
@@ -411,17 +492,30 @@ class OPOB:
             groups: ``[B]`` integer prompt-group ids for ``scope="group"``
                 (ignored for ``"batch"``); default ``None``: the whole call
                 is one group.
+            norm_weights: ``[B]`` multipliers ``m_i >= 0`` of ``n_i`` in the
+                baseline only: ``b_s = sum m_i n_i R_i / sum m_i n_i`` (and the
+                median / winsorized weights), computed in float64. Default
+                ``None`` (``m_i = 1``: the variance-optimal baseline). The
+                gradient, the clipping and the noise scale use the true ``n_i``.
+                Under a process group they enter the same global statistics;
+                pass them on every rank with samples (and, with
+                ``scope="batch"``, in every call of the step, or in none).
+                :func:`vcpo_optim.opob.reference_norm_weights` gives the ``m_i``
+                that reproduce the research code's baseline.
 
         Returns:
             :class:`OPOBResult` with ``sq_norms``, ``baselines``,
-            ``coefficients`` (each ``[B]``, float32 or float64).
+            ``coefficients`` (each ``[B]``, float32 or float64), the clip
+            factors, and the noise-scale estimates.
 
         Raises:
             ValueError: non-finite losses or rewards, ``B = 0``, shape or
                 device mismatch, bad ``groups``, a group already seen in this
                 optimizer step, a recorded module input whose dim 0 is not
-                ``B``, parameters used outside their module, or non-finite
-                per-sample norms. Raised before any ``.grad`` or OPOB state
+                ``B``, parameters used outside their module, non-finite
+                per-sample norms, ``norm_weights`` that are not finite,
+                non-negative and ``[B]``, or a second call in a step with
+                ``scope="batch"`` and ``max_sample_grad_norm``. Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process
                 group every rank raises the same error.
         """
@@ -430,12 +524,14 @@ class OPOB:
             if not reducer.fsdp and reducer.tp_group is None:
                 self._check_still_plain()
                 if reducer.dp_group() is None:  # nothing to reduce: write .grad directly
-                    return self._step.run(per_sample_loss, rewards, groups)
-            return self._backward_reduced(per_sample_loss, rewards, groups)
+                    return self._step.run(per_sample_loss, rewards, groups, norm_weights)
+            return self._backward_reduced(per_sample_loss, rewards, groups, norm_weights)
         finally:
             self._tape.clear()
 
-    def _backward_reduced(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
+    def _backward_reduced(
+        self, loss: Tensor, rewards: Any, groups: Any, norm_weights: Any = None
+    ) -> OPOBResult:
         """A call whose gradients are reduced (data parallel, FSDP2) or sharded (TP)."""
         reducer = self._reducer
         swapped = []
@@ -443,7 +539,7 @@ class OPOB:
             swapped = reducer.swap_tp_params(self.model, self._params, self._names)
             self._tape.localize(red.local)  # inputs a TP style turned into DTensors
         try:
-            return self._step.run(loss, rewards, groups)
+            return self._step.run(loss, rewards, groups, norm_weights)
         finally:
             reducer.restore_tp_params(swapped)
 

@@ -14,19 +14,23 @@ Everything that needs another rank goes through :mod:`vcpo_optim.opob.distribute
 per parameter, the step's rewards / norms or statistics, the previous
 baseline), the group ids seen by the split-group check, and the reward offset.
 
-Extension points (not implemented yet):
+Controls and diagnostics built on the norms (issue 11):
 
-* per-sample multipliers of ``n_i`` (``norm_weights``): applied to ``sq``
-  right after the norms are complete (:meth:`Step._norms`), before any
-  baseline or statistic is formed;
-* per-trajectory gradient clipping: a factor ``min(1, C / sqrt(n_i))`` folded
-  into the coefficients after :meth:`Step._baselines` (the engine's weighted
-  sum takes any coefficient vector);
-* a gradient-noise-scale estimate: from ``sum_i n_i`` and ``||sum_i grad l_i||^2``,
-  both available in :meth:`Step._write` (one more weighted sum with unit
-  coefficients, or the ``acc`` strategy's accumulators);
-* packed batches: the factors arrive per segment from the tape, so nothing
-  here changes beyond passing ``cu_seqlens`` to :meth:`Tape.validate`.
+* ``norm_weights``: per-sample multipliers ``m_i`` of ``n_i`` in the baseline
+  only (the baselines see ``m_i n_i``, float64; clipping and the noise scale
+  see the true ``n_i``);
+* per-trajectory clipping (``max_sample_grad_norm=C``): the coefficients after
+  the baseline and the std scale are multiplied by
+  ``f_i = min(1, C / (|c_i| sqrt(n_i)))`` (the ``acc`` strategy, whose
+  accumulators fix the coefficients before the norms are known, is not used);
+* the simple noise scale: ``sum_i |x_i|^2 = sum_i c_i^2 n_i`` and the sample
+  count ride in the gradient reduction, ``|sum_i x_i|^2`` is the norm of the
+  written gradient (:meth:`GradReducer.grad_sq_norm`), per optimizer step
+  (:meth:`Step._noise`).
+
+Extension point (not implemented yet): packed batches: the factors arrive per
+segment from the tape, so nothing here changes beyond passing ``cu_seqlens``
+to :meth:`Tape.validate`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as _dist
 from . import distributed as red
 from .baseline import (
     merge_stats,
@@ -57,19 +62,42 @@ __all__ = ["Config", "OPOBResult", "Step", "StepState"]
 
 @dataclass
 class OPOBResult:
-    """What :meth:`OPOB.backward` computed for the samples of that call (all ``[B]``).
+    """What :meth:`OPOB.backward` computed for the samples of that call.
 
-    ``sq_norms[i]`` = ``||grad_theta l_i||^2`` over the trainable parameters,
-    ``baselines[i]`` = ``b_s`` of sample ``i``'s scope, ``coefficients[i]`` =
-    ``c_i = (R_i - b_s) * k_s`` with ``k_s = 1`` or ``1 / std_s(R)``. Float32
-    (float64 for a float64 model). With ``scope="batch"`` and several calls per
-    optimizer step, each result reflects the baseline over the calls of the
-    step so far; the last call's is the final one.
+    Per sample (``[B]``, this rank's samples; float32, float64 for a float64
+    model):
+
+    * ``sq_norms[i]`` = ``n_i = ||grad_theta l_i||^2`` over the trainable
+      parameters (never multiplied by ``norm_weights``);
+    * ``baselines[i]`` = ``b_s`` of sample ``i``'s scope;
+    * ``coefficients[i]`` = the coefficient written, ``f_i * (R_i - b_s) * k_s``
+      with ``k_s = 1`` or ``1 / std_s(R)`` and ``f_i = 1`` without clipping;
+    * ``clip_factors[i]`` = ``f_i = min(1, C / (|(R_i - b_s) k_s| sqrt(n_i)))``
+      with ``max_sample_grad_norm=C``; ``None`` without clipping.
+
+    Scalars (0-d tensors, global over the process group, no host sync):
+
+    * ``num_clipped``: int64, the number of samples of this call (all ranks)
+      with ``f_i < 1``; ``None`` without clipping;
+    * ``noise_scale`` = ``B_simple = tr(Sigma) / |G|^2``, with
+      ``noise_trace = tr(Sigma)`` and ``noise_grad_sq = |G|^2`` its two
+      unbiased estimates (float64), over the samples of the optimizer step so
+      far; see :class:`~vcpo_optim.opob.OPOB` for the formulas and when they are
+      NaN.
+
+    With ``scope="batch"`` and several calls per optimizer step, each result
+    reflects the baseline over the calls of the step so far; the last call's is
+    the final one.
     """
 
     sq_norms: Tensor
     baselines: Tensor
     coefficients: Tensor
+    clip_factors: Tensor | None = None
+    num_clipped: Tensor | None = None
+    noise_scale: Tensor | None = None
+    noise_trace: Tensor | None = None
+    noise_grad_sq: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,7 @@ class Config:
     agg: str
     norm_by_std: bool
     winsor_q: float
+    max_sample_grad_norm: float | None = None
 
 
 def _to_1d(
@@ -130,6 +159,11 @@ class StepState:
     sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # (parameter, its .grad, the grad's version) after OPOB's last write: the step boundary
     marks: list[tuple[Tensor, Any, int]] = field(default_factory=list)
+    calls: int = 0  # backward calls committed in this step
+    weighted: bool | None = None  # batch scope: whether the step's calls pass norm_weights
+    # the step's noise-scale sums (global, float64 [_NZ_STATE]): count, sum c^2 n, and for
+    # the batch scope sum n, sum n (r - b), sum n (r - b)^2 about the last baseline; dirty
+    noise: Tensor | None = None
 
 
 @dataclass
@@ -142,6 +176,8 @@ class _Call:
     sizes: list[int]  # number of local scopes of every rank
     ids_given: bool  # group ids were passed (by every rank with samples): split-group check
     new_step: bool  # a new optimizer step started since the last call (agreed)
+    m: Tensor | None = None  # this rank's norm_weights (float64), or None
+    weighted: bool = False  # some rank with samples passed norm_weights (then every such rank did)
 
 
 class Step:
@@ -296,7 +332,27 @@ class Step:
         self.tape.validate(b, require_records=b > 0)
         return b, r, g
 
-    def _validate(self, loss: Any, rewards: Any, groups: Any, group: Any | None) -> _Call:
+    @staticmethod
+    def _validate_norm_weights(m: Any, b: int, device: torch.device) -> Tensor | None:
+        """``norm_weights``: ``[B]`` real, finite and non-negative; returned as float64."""
+        if m is None:
+            return None
+        t = _to_1d(m, b, device, "norm_weights", None)
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"OPOB: norm_weights must be real numbers, got dtype {t.dtype}")
+        t = t.to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("OPOB: norm_weights contain NaN or Inf")
+        if bool((t < 0).any()):
+            raise ValueError(
+                "OPOB: norm_weights must be >= 0 (they multiply the squared norms n_i in the "
+                f"baseline weights); got min {float(t.min())}"
+            )
+        return t
+
+    def _validate(
+        self, loss: Any, rewards: Any, groups: Any, group: Any | None, norm_weights: Any = None
+    ) -> _Call:
         """Local checks, then the call's first collective: one agreement over the group.
 
         Every rank's batch size, number of local scopes and whether it passed group
@@ -307,8 +363,10 @@ class Step:
         error: BaseException | None = None
         out: tuple[int, Tensor, Tensor | None] | None = None
         new_step = False
+        m: Tensor | None = None
         try:
             out = self._validate_local(loss, rewards, groups, empty_ok=group is not None)
+            m = self._validate_norm_weights(norm_weights, out[0], loss.device)
             new_step = self._new_step()
         except Exception as exc:
             if not shared:
@@ -318,7 +376,8 @@ class Step:
         b, g = (out[0], out[2]) if out is not None else (0, None)
         kind = 0.0 if b == 0 or self.cfg.scope != "group" else (1.0 if g is not None else 2.0)
         n_local = 0 if b == 0 else (1 if g is None else int(torch.unique(g).numel()))
-        payload = [float(b), float(n_local), kind, float(new_step)]
+        weights_kind = 0.0 if b == 0 else (1.0 if norm_weights is not None else 2.0)
+        payload = [float(b), float(n_local), kind, float(new_step), weights_kind]
         rows = red.agree(error, group, "invalid input", payload)
         assert out is not None
         if sum(x[0] for x in rows) == 0:
@@ -331,8 +390,25 @@ class Step:
                 "groups=None in the same backward call: pass the prompt-group ids on every rank "
                 "(groups=None makes the call one group, which cannot be merged with ids)"
             )
+        weighted = [k for k, x in enumerate(rows) if x[4] == 1.0]
+        unweighted = [k for k, x in enumerate(rows) if x[4] == 2.0]
+        if weighted and unweighted:
+            raise ValueError(
+                f"OPOB: rank(s) {weighted} passed norm_weights but rank(s) {unweighted} did not "
+                "in the same backward call: the baselines are global, so pass norm_weights on "
+                "every rank that has samples (ones for plain n_i)"
+            )
         sizes = [int(x[1]) for x in rows]
-        return _Call(out[0], out[1], out[2], sizes, bool(with_ids), any(x[3] for x in rows))
+        return _Call(
+            out[0],
+            out[1],
+            out[2],
+            sizes,
+            bool(with_ids),
+            any(x[3] for x in rows),
+            m,
+            bool(weighted),
+        )
 
     # ------------------------------------------------------------------ scopes
 
@@ -424,7 +500,7 @@ class Step:
 
     # ------------------------------------------------------------------ the call
 
-    def run(self, loss: Tensor, rewards: Any, groups: Any) -> OPOBResult:
+    def run(self, loss: Tensor, rewards: Any, groups: Any, norm_weights: Any = None) -> OPOBResult:
         """One backward call: every rank, with or without samples, runs exactly this.
 
         The tape is consumed (the caller clears it whatever happens).
@@ -435,17 +511,51 @@ class Step:
         if buffered:
             reducer.begin()
         try:
-            return self._run(loss, rewards, groups, group, buffered)
+            return self._run(loss, rewards, groups, group, buffered, norm_weights)
         finally:
             reducer.end()
 
+    def _check_step(self, c: _Call, st: StepState) -> None:
+        """Refusals that depend on the earlier calls of the step (the same on every rank)."""
+        if self.cfg.scope != "batch" or st.calls == 0:
+            return
+        if self.cfg.max_sample_grad_norm is not None:
+            raise ValueError(
+                "OPOB: max_sample_grad_norm with scope='batch' needs the whole optimizer step in "
+                "one backward call: the clip factor min(1, C / (|R_i - b| k sqrt(n_i))) of a "
+                "sample from an earlier call depends on the step's final baseline, and its "
+                "per-sample gradient is gone, so the earlier calls' clipped gradient cannot be "
+                "corrected. Use one opob.backward() per step, or scope='group' (each group "
+                "complete in one call), or call opob.finalize() if a new step started. Nothing "
+                "was changed."
+            )
+        if st.weighted is not None and st.weighted != c.weighted:
+            raise ValueError(
+                "OPOB: with scope='batch' every backward call of an optimizer step must pass "
+                "norm_weights, or none may: the step's baseline mixes the calls' weighted norms. "
+                f"An earlier call of this step {'did' if st.weighted else 'did not'}. Nothing "
+                "was changed."
+            )
+
     def _run(
-        self, loss: Tensor, rewards: Any, groups: Any, group: Any | None, buffered: bool
+        self,
+        loss: Tensor,
+        rewards: Any,
+        groups: Any,
+        group: Any | None,
+        buffered: bool,
+        norm_weights: Any = None,
     ) -> OPOBResult:
         cfg, reducer = self.cfg, self.reducer
         shared = group is not None or reducer.tp_active()  # failures must be agreed
-        c = self._validate(loss, rewards, groups, group)  # collective 1
+        c = self._validate(loss, rewards, groups, group, norm_weights)  # collective 1
         st = StepState() if c.new_step else self.state  # read-only until the commit
+        self._check_step(c, st)
+        # a gradient OPOB wrote earlier in this step changed in place since (scope="group")
+        foreign = any(
+            p.grad is not None and p.grad._version != version for p, _, version in st.marks
+        )
+        clip = cfg.max_sample_grad_norm
         b, dev, dt = c.b, loss.device, self._dtype()
         r = c.r
         r_off, step_off = None, st.r_off
@@ -503,7 +613,10 @@ class Step:
                 grads = ()
                 self.tape.clear()  # the factors hold what is still needed; free the rest now
                 for w in works.values():
-                    w.choose(b, ns_acc, 2 if batch_scope else 1)
+                    if clip is None:
+                        w.choose(b, ns_acc, 2 if batch_scope else 1)
+                    else:  # clipped coefficients: one write, no accumulators
+                        w.choose(b, ns_acc, 1, accumulate=False)
                     parts.append((w.param, w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)))
                     sq += parts[-1][1]
         except Exception as exc:
@@ -517,30 +630,64 @@ class Step:
                 error = red.NonFiniteNorms(
                     "OPOB: per-sample gradient norms are not finite (overflow in the backward pass?)"
                 )
+            # the baseline weights: n_i, or m_i n_i in float64 with norm_weights (on every rank)
+            sq_b = sq
+            if c.weighted:
+                sq_b = sq.to(torch.float64) * (c.m if c.m is not None else 1.0)
+                if error is None and not bool(torch.isfinite(sq_b).all()):
+                    error = ValueError(
+                        "OPOB: norm_weights * per-sample squared norms overflow float64; scale "
+                        "norm_weights down by a common factor (the baselines do not change)"
+                    )
             if error is not None and not shared:
                 raise error
 
             # ---- baselines: one collective carrying every rank's failure flag ----
             step_stats = n_scope = None
             if plan is not None:
-                bs, ks, new_ids, step_stats = self._stats_finish(sq, r, plan, c, group, st, error)
+                bs, ks, new_ids, step_stats = self._stats_finish(sq_b, r, plan, c, group, st, error)
             else:
                 red.agree(error, group, "error in the backward call")
-                n_all, _ = red.gather_varlen(sq, group)
+                n_all, _ = red.gather_varlen(sq_b, group)
                 n_scope = (
                     n_all if not batch_scope or st.hist_n is None else torch.cat([st.hist_n, n_all])
                 )
                 bs = scope_baselines(n_scope, r_scope, sid_all, n_scopes, cfg.agg, cfg.winsor_q)
+                bs = bs.to(dt)
                 ks = inv if inv is not None else torch.ones(n_scopes, dtype=dt, device=dev)
             base = bs[sid]
             coef = (r - base) * ks[sid]
+            # noise-scale sums of this rank (batch scope: about the step's current baseline)
+            dev_r = (r - base).to(torch.float64)
+            sq64 = sq.to(torch.float64)
+            clip_f = None
+            if clip is not None:  # |c_i| sqrt(n_i) <= C: the contribution's norm, bounded
+                size = coef.abs() * sq.sqrt()
+                clip_f = torch.where(size > clip, clip / size, torch.ones_like(size))
+                coef = coef * clip_f
+            c64 = coef.to(torch.float64)
+            local = [
+                torch.tensor(float(b), dtype=torch.float64, device=dev),
+                (c64 * c64 * sq64).sum(),
+                sq64.sum(),
+                (sq64 * dev_r).sum(),
+                (sq64 * dev_r * dev_r).sum(),
+                (clip_f < 1).sum().to(torch.float64)
+                if clip_f is not None
+                else torch.zeros((), dtype=torch.float64, device=dev),
+                self._pre_sq(dev)
+                if st.calls == 0
+                else torch.tensor(float(foreign), dtype=torch.float64, device=dev),
+            ]
+            payload = torch.stack(local)
             if r_off is not None:
                 base = (base.to(torch.float64) + r_off).to(dt)
 
             # ---- the reweighted gradient (failures deferred to the gradient reduction) ----
             staged: dict[int, tuple[Tensor, Tensor]] = {}  # batch scope: this call's sums
             try:
-                self._write(works, st, bs, ks, r, q_acc, coef, batch_scope, staged, buffered)
+                acc_batch = batch_scope and clip is None  # clipped: one call per step, no sums
+                self._write(works, st, bs, ks, r, q_acc, coef, acc_batch, staged, buffered)
             except Exception as exc:
                 if not buffered:
                     raise
@@ -548,11 +695,15 @@ class Step:
             if buffered:
                 buffer = reducer.end()
                 assert buffer is not None
-                written = reducer.flush(buffer, error)  # the last collective; raises on a flag
+                # the last collective; raises on a flag; the noise sums ride along
+                written, total = reducer.flush(buffer, error, payload)
+                assert total is not None
             else:
                 written = [w.param for w in works.values()] + [
                     self.params[i] for i in st.sums if i not in works
                 ]
+                total = payload
+            noise_state, noise = self._noise(st, total, bs[0] if batch_scope else None, ks, dev)
 
             # ---- commit the step state (nothing below can fail on one rank only) ----
             for pid, (d1, d0) in staged.items():
@@ -575,8 +726,71 @@ class Step:
             st.marks = [
                 (p, weakref.ref(p.grad), p.grad._version) for p in written if p.grad is not None
             ]
+            st.calls += 1
+            st.noise = noise_state
+            if batch_scope:
+                st.weighted = c.weighted
             self.state = st
-        return OPOBResult(sq_norms=sq, baselines=base, coefficients=coef)
+        return OPOBResult(
+            sq_norms=sq,
+            baselines=base,
+            coefficients=coef,
+            clip_factors=clip_f,
+            num_clipped=None if clip is None else total[5].round().to(torch.int64),
+            noise_scale=noise[0],
+            noise_trace=noise[1],
+            noise_grad_sq=noise[2],
+        )
+
+    def _pre_sq(self, device: torch.device) -> Tensor:
+        """``sum ||.grad||^2`` (local) of the tracked parameters before a step's first write.
+
+        Zero (no work) when every gradient is ``None``, as after ``zero_grad()``. Anything
+        else in ``.grad`` would be counted in ``|sum_i x_i|^2``: it voids the noise scale.
+        """
+        grads = [red.local(p.grad) for p in self.reducer.order if p.grad is not None]
+        return red.sq_sum(grads, device)
+
+    def _noise(
+        self, st: StepState, total: Tensor, bb: Tensor | None, ks: Tensor, dev: torch.device
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The step's noise-scale sums after this call, and ``(B_simple, tr Sigma, |G|^2)``.
+
+        ``total`` holds this call's global sums (count, ``sum c^2 n``, ``sum n``,
+        ``sum n (r - b)``, ``sum n (r - b)^2``, clipped, dirty). ``S = sum_i |x_i|^2``
+        over the step: ``scope="group"`` adds the calls' final ``sum c_i^2 n_i``;
+        ``scope="batch"`` (coefficients ``k (r_i - b)`` that move with the baseline)
+        re-centres the step's ``sum n (r - b)`` moments at the new baseline ``bb``
+        and takes ``S = k^2 sum n (r - bb)^2``. ``P = |sum_i x_i|^2`` is the norm of the
+        gradient OPOB wrote in the step (``.grad``, global).
+        """
+        cfg = self.cfg
+        f64 = torch.float64
+        prev = st.noise if st.noise is not None else torch.zeros(6, dtype=f64, device=dev)
+        count = prev[0] + total[0]
+        dirty = prev[5] + total[6]
+        if bb is not None and cfg.max_sample_grad_norm is None:
+            d = (torch.as_tensor(st.prev_b, device=dev) - bb).to(f64) if st.calls else 0.0
+            n_sum = prev[2] + total[2]
+            m1 = prev[3] + d * prev[2] + total[3]
+            m2 = prev[4] + 2 * d * prev[3] + d * d * prev[2] + total[4]
+            s = ks[0].to(f64) ** 2 * m2
+        else:
+            n_sum = m1 = m2 = torch.zeros((), dtype=f64, device=dev)
+            s = prev[1] + total[1]
+        state = torch.stack([count, s, n_sum, m1, m2, dirty])
+        p = self.reducer.grad_sq_norm(dev)
+        group = self.reducer.dp_group()
+        if self.reducer.grad_reduction == "mean" and group is not None:
+            p = p * float(_dist.get_world_size(group)) ** 2  # .grad holds the sum / world
+        den = count * (count - 1)
+        trace = (count * s - p) / den
+        grad_sq = (p - s) / den
+        scale = (count * s - p) / (p - s)
+        bad = (count < 2) | (dirty > 0)
+        nan = torch.full((), torch.nan, dtype=f64, device=dev)
+        out = tuple(torch.where(bad, nan, x) for x in (scale, trace, grad_sq))
+        return state, out  # type: ignore[return-value]
 
     def _write(
         self,
