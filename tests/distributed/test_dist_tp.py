@@ -78,6 +78,11 @@ def _surrogate(model, batch):
     return -batch["lw"].exp() * torch.nn.functional.logsigmoid(out)
 
 
+def _noise(r):
+    """The noise-scale estimates of an OPOB result (|sum x_i|^2 needs the global gradient norm)."""
+    return torch.stack([r.noise_scale, r.noise_trace, r.noise_grad_sq])
+
+
 def _opob_run(scope: str, sizes=SIZES, **kw):
     from vcpo_optim import VCPOAdamW
     from vcpo_optim.opob import DistributedOPOB
@@ -108,6 +113,7 @@ def _opob_run(scope: str, sizes=SIZES, **kw):
                 "sq_norms": r.sq_norms,
                 "baselines": r.baselines,
                 "coefficients": r.coefficients,
+                "noise": _noise(r),
                 "grads": grads,
                 "grad_types": grad_types,
                 "params": C.params_of(model),
@@ -210,7 +216,14 @@ def s_hsdp_opob():
         r = opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
         grads = [_full(p.grad) for p in model.parameters()]
         opt.step(log_weights=batch["lw"])
-        out.append({"sq_norms": r.sq_norms, "grads": grads, "params": C.params_of(model)})
+        out.append(
+            {
+                "sq_norms": r.sq_norms,
+                "noise": _noise(r),
+                "grads": grads,
+                "params": C.params_of(model),
+            }
+        )
     out[0]["placements"] = placements
     return out
 
@@ -301,6 +314,8 @@ def _check_opob(got_ranks, ref, sizes=SIZES):
             C.assert_params_close(g["params"], r["params"])
             assert g["lr_scale"] == pytest.approx(r["lr_scale"], rel=1e-12)
             assert g["grad_types"][:4] == ["DTensor"] * 4  # TP shards get DTensor grads
+            # TP shards summed, the replicated last layer counted once
+            torch.testing.assert_close(g["noise"], _noise(r["res"]), rtol=1e-8, atol=0)
 
 
 def test_tp_x_dp_opob_group_scope_equals_single_process(res):
@@ -350,6 +365,8 @@ def test_hsdp_opob_equals_single_process(res):
             for a, b in zip(g["grads"], r["grads"]):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
             C.assert_params_close(g["params"], r["params"])
+            # HSDP: summed over the shard dimension only, the replicas counted once
+            torch.testing.assert_close(g["noise"], _noise(r["res"]), rtol=1e-8, atol=0)
 
 
 def test_fsdp_on_top_of_tp_is_refused_with_a_clear_error(res):

@@ -252,3 +252,53 @@ def proj_loss(x: Tensor, seed: int = 1) -> Callable[[nn.Module], Tensor]:
         ).sum(1)
 
     return fn
+
+
+# ----------------------------------------------------------------------------- materialised per-sample gradients
+# (clipping and the noise scale, issue 11)
+
+
+def per_sample_grads(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> Tensor:
+    """``[B, P]`` float64: row i is grad l_i over the trainable parameters (one backward each)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn(model)
+    rows = []
+    for i in range(loss.shape[0]):
+        gs = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).double().reshape(-1)
+                    for g, p in zip(gs, params)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def flat_grad(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.double().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def clipped_contributions(g: Tensor, coef: Tensor, c: float | None) -> tuple[Tensor, Tensor | None]:
+    """x_i = c_i g_i, each clipped to norm <= c explicitly (Opacus style), and the factors."""
+    x = coef.double()[:, None] * g
+    size = x.norm(dim=1)
+    f = torch.where(size > c, c / size, torch.ones_like(size)) if c is not None else None
+    return (x if f is None else x * f[:, None]), f
+
+
+def bound_between(sizes: Tensor, k: int) -> float:
+    """A clip bound halfway between the k-th and (k+1)-th smallest size (no sample at the edge)."""
+    v = sizes.sort().values
+    return float((v[k - 1] + v[k]) / 2)
+
+
+def direct_noise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """B_simple from materialised contributions x ([B, P], float64), McCandlish's unbiased pair."""
+    b = x.shape[0]
+    s = (x * x).sum()
+    p = x.sum(0).square().sum()
+    trace = (b * s - p) / (b * (b - 1))
+    grad_sq = (p - s) / (b * (b - 1))
+    return trace / grad_sq, trace, grad_sq

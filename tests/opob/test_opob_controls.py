@@ -12,57 +12,21 @@ import math
 
 import pytest
 import torch
-from opob_oracle import MLP, TinyLM, lm_batch, lm_loss, ref_coefficients, rel_err
+from opob_oracle import (
+    MLP,
+    TinyLM,
+    bound_between,
+    clipped_contributions,
+    direct_noise,
+    flat_grad,
+    lm_batch,
+    lm_loss,
+    per_sample_grads,
+    ref_coefficients,
+    rel_err,
+)
 
 from vcpo_optim.opob import OPOB
-
-# ----------------------------------------------------------------------------- the exact loop
-
-
-def per_sample_grads(model, loss_fn):
-    """``[B, P]`` float64: row i is grad l_i over the trainable parameters (one backward each)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model)
-    rows = []
-    for i in range(loss.shape[0]):
-        gs = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).double().reshape(-1)
-                    for g, p in zip(gs, params)
-                ]
-            )
-        )
-    return torch.stack(rows)
-
-
-def flat_grad(model):
-    return torch.cat([p.grad.double().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def clipped_contributions(g, coef, c):
-    """x_i = c_i g_i, each clipped to norm <= c explicitly (Opacus style), and the factors."""
-    x = coef.double()[:, None] * g
-    size = x.norm(dim=1)
-    f = torch.where(size > c, c / size, torch.ones_like(size)) if c is not None else None
-    return (x if f is None else x * f[:, None]), f
-
-
-def bound_between(sizes, k):
-    """A clip bound halfway between the k-th and (k+1)-th smallest size (no sample at the edge)."""
-    v = sizes.sort().values
-    return float((v[k - 1] + v[k]) / 2)
-
-
-def direct_noise(x):
-    """B_simple from materialised contributions x ([B, P], float64), McCandlish's unbiased pair."""
-    b = x.shape[0]
-    s = (x * x).sum()
-    p = x.sum(0).square().sum()
-    trace = (b * s - p) / (b * (b - 1))
-    grad_sq = (p - s) / (b * (b - 1))
-    return trace / grad_sq, trace, grad_sq
 
 
 def _lm(seed=0):
