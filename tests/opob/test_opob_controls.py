@@ -490,3 +490,31 @@ def test_noise_scale_is_nan_when_grad_holds_more_than_opob_wrote():
     model.zero_grad(set_to_none=True)
     assert torch.isnan(opob.backward(model(x[:1]).sum(1), r[:1]).noise_trace)
     opob.detach()
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "vchunk"])
+def test_clipping_and_noise_with_the_lean_lm_head(monkeypatch, strategy):
+    """The lean head's strategies write the clipped coefficients too (oracle: the plain head)."""
+    from test_opob_lm_head import LeanLM, _force
+    from test_opob_lm_head import batch as head_batch
+
+    torch.manual_seed(0)
+    model = LeanLM(tied=True).double()
+    ids, mask = head_batch()
+    r = torch.tensor([0.3, -1.0, 2.0, 0.5, -0.2, 1.1], dtype=torch.float64)
+    groups = [0, 0, 0, 1, 1, 1]
+    g = per_sample_grads(model, lambda m: m.per_sample_loss(ids, mask, lean=False))
+    n = (g * g).sum(1)
+    _, coef = ref_coefficients(n.tolist(), r.tolist(), groups, "mean", True)
+    coef = torch.tensor(coef, dtype=torch.float64)
+    c = bound_between(coef.abs() * n.sqrt(), 3)
+    x, f = clipped_contributions(g, coef, c)
+    seen: list[tuple[str, str]] = []
+    _force(monkeypatch, strategy, seen)
+    with OPOB(model, norm_by_std=True, max_sample_grad_norm=c) as o:
+        res = o.backward(model.per_sample_loss(ids, mask, lean=True), r, groups)
+    assert seen and all(s == strategy for _, s in seen)
+    assert rel_err(flat_grad(model), x.sum(0)) < 1e-9
+    torch.testing.assert_close(res.clip_factors, f, rtol=1e-9, atol=0)
+    for got, ref in zip((res.noise_scale, res.noise_trace, res.noise_grad_sq), direct_noise(x)):
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=0)
