@@ -34,6 +34,12 @@ supply what is missing:
   (``fully_shard``) parameters (``DTensor``, ``Shard(0)`` on a 1-D mesh): one
   reduce-scatter straight into each rank's shard, written as ``DTensor``
   gradients like FSDP2's own; other layouts (HSDP) all-reduce then shard.
+* **Clipping and noise-scale statistics**: the per-rank sums (sample count,
+  ``sum c_i^2 n_i``, the batch-scope moments, the clipped count, the "not
+  only OPOB's gradient" flag) ride in the gradient reduction of
+  :meth:`GradReducer.flush` (no extra collective with DDP);
+  :meth:`GradReducer.grad_sq_norm` is ``||.grad||^2`` over all ranks (one
+  scalar all-reduce per sharded layout: FSDP2 / HSDP / TP; none for DDP).
 * **Tensor parallel** (:class:`GradReducer` with a TP group): each rank
   computes the per-sample squared norm of its parameter shards; partial norms
   of sharded parameters are summed over the TP group, replicated ones

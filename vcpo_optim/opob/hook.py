@@ -174,8 +174,9 @@ class OPOB:
     ``P`` is read from ``.grad``, which then holds more than OPOB's
     gradient. Cost: ``S`` and ``B`` ride in the gradient reduction (no extra
     collective with DDP); ``P`` is one pass over the gradients (one small
-    all-reduce for FSDP2 / tensor-parallel shards); no host sync on the
-    unsharded path.
+    all-reduce for FSDP2 / tensor-parallel shards); no host sync of its own
+    (with FSDP2 alone the sums are read on the host with the error flags,
+    which that path already reads there).
 
     Data and tensor parallelism: OPOB writes ``.grad`` outside autograd, so
     DDP's and FSDP2's gradient hooks never see it; OPOB reduces its own
