@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import mpmath
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vcpo_optim import losses as L
@@ -567,7 +568,12 @@ def test_rejection_geometric_mean_and_k1_default_lower() -> None:
 
 
 def _m2po_loop(x, mask, tau, adv=None):
-    """Algorithm 1 of the M2PO paper, literally: remove argmax while the mean exceeds tau."""
+    """Algorithm 1 of the M2PO paper, literally: remove argmax while the mean exceeds tau.
+
+    The mean is compared with tau in exact rational arithmetic on the float64 values
+    ``q = x * x`` and ``tau`` (the rule m2po_mask documents); an infinite q makes the mean
+    infinite.
+    """
     b, t = len(x), len(x[0])
     cand = [
         (i * t + j)
@@ -576,10 +582,16 @@ def _m2po_loop(x, mask, tau, adv=None):
         if mask[i][j]
         and (adv is None or (adv[i] > 0 and x[i][j] > 0) or (adv[i] < 0 and x[i][j] < 0))
     ]
-    q = {k: x[k // t][k % t] ** 2 for k in cand}
+    q = {k: x[k // t][k % t] * x[k // t][k % t] for k in cand}  # IEEE: inf on overflow
     keep = [[bool(mask[i][j]) for j in range(t)] for i in range(b)]
     live = list(cand)
-    while live and math.fsum(q[k] for k in live) / len(live) > tau:
+
+    def mean_exceeds_tau() -> bool:
+        if any(math.isinf(q[k]) for k in live):
+            return True
+        return sum(Fraction(q[k]) for k in live) > Fraction(tau) * len(live)
+
+    while live and mean_exceeds_tau():
         top = max(q[k] for k in live)
         k = min(k for k in live if q[k] == top)  # argmax: first occurrence in [B, T] order
         live.remove(k)
@@ -587,27 +599,79 @@ def _m2po_loop(x, mask, tau, adv=None):
     return keep
 
 
-@settings(max_examples=60, deadline=None)
+# Knife-edge float64 cases (a prefix mean within rounding of tau) on which the former
+# float cumsum test ``prefix <= tau * count`` kept the wrong number of tokens.
+@example(4, 8, 0.01, False, 6, torch.float64)
+@example(3, 6, 0.04, False, 18, torch.float64)
+@example(5, 6, 0.01, True, 20, torch.float64)
+@example(4, 7, 0.04, True, 23318, torch.float64)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(
     st.integers(min_value=1, max_value=5),
     st.integers(min_value=1, max_value=8),
     st.sampled_from([0.0, 0.01, 0.04, 0.3]),
     st.booleans(),
     st.integers(min_value=0, max_value=2**31 - 1),
+    st.sampled_from([torch.float32, torch.float64]),
 )
-def test_m2po_mask_matches_algorithm_1(b, t, tau, use_adv, seed) -> None:
+def test_m2po_mask_matches_algorithm_1(b, t, tau, use_adv, seed, dtype) -> None:
+    """Closed form == Algorithm 1 (exact comparison with tau) on quantised log ratios.
+
+    Deterministic: derandomized examples, explicit dtype (not the default dtype, which
+    the autouse fixture sets once per test, not per example). In float64, ``old + x``
+    rounds so that ``q = (new - old)^2`` lands within an ulp of ``0.01``/``0.04``
+    (= tau): prefix means then tie with tau up to rounding.
+    """
     gen = torch.Generator().manual_seed(seed)
     # quantised log ratios produce ties; a few extreme ones
-    x = torch.round(torch.randn(b, t, generator=gen) * 4) / 10
-    x = torch.where(torch.rand(b, t, generator=gen) < 0.05, x * 1e3, x)
-    old = -torch.rand(b, t, generator=gen)
+    x = torch.round(torch.randn(b, t, generator=gen, dtype=dtype) * 4) / 10
+    x = torch.where(torch.rand(b, t, generator=gen, dtype=dtype) < 0.05, x * 1e3, x)
+    old = -torch.rand(b, t, generator=gen, dtype=dtype)
     new = old + x
-    mask = torch.rand(b, t, generator=gen) > 0.3
-    adv = torch.randn(b, generator=gen) if use_adv else None
+    mask = torch.rand(b, t, generator=gen, dtype=dtype) > 0.3
+    adv = torch.randn(b, generator=gen, dtype=dtype) if use_adv else None
     keep = L.m2po_mask(new, old, mask, tau, advantages=adv)
     xx = L.token_log_ratios(new, old, mask).tolist()
     ref = _m2po_loop(xx, mask.tolist(), tau, None if adv is None else adv.tolist())
     assert keep.tolist() == ref
+
+
+def test_m2po_mean_equal_to_tau_is_kept_and_above_it_is_not() -> None:
+    """Exact ties: the rule compares the mean of the float64 q with tau exactly."""
+    for v in (0.1, 0.2, 0.3, 0.7, 1.1):
+        for n in (1, 7, 10, 15, 40, 333):
+            x = torch.full((1, n), v, dtype=torch.float64)
+            zero, ones = torch.zeros_like(x), torch.ones_like(x)
+            # every q equals tau (tau is the float64 square): mean == tau, all kept
+            assert L.m2po_mask(x, zero, ones, v * v).all(), (v, n)
+            # tau one ulp below q: every token has q > tau, all removed
+            below = math.nextafter(v * v, 0.0)
+            assert not L.m2po_mask(x, zero, ones, below).any(), (v, n)
+    # 0.2**2 = 0.04000000000000001 > 0.04 (and 0.3**2 = 0.09 <= 0.09): exact verdicts
+    x = torch.full((1, 12), 0.2, dtype=torch.float64)
+    assert not L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), 0.04).any()
+    x = torch.full((1, 20), 0.3, dtype=torch.float64)
+    assert L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), 0.09).all()
+    # one token of q = tau + (n - 1) ulps among n - 1 at tau: the mean exceeds tau by
+    # less than a rounding error of the sum, so only exact arithmetic removes it
+    tau = 0.04
+    big = tau + 5 * (math.nextafter(tau, 1.0) - tau)
+    x = torch.tensor([[math.sqrt(tau)] * 5 + [math.sqrt(big)]], dtype=torch.float64)
+    q = (x * x)[0].tolist()
+    keep = L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), tau)
+    assert keep.tolist() == _m2po_loop(x.tolist(), [[True] * 6], tau)
+    assert bool(keep.all()) == (sum(map(Fraction, q)) <= 6 * Fraction(tau))
+
+
+def test_m2po_exact_beyond_float64_range() -> None:
+    """q that overflows (x^2 = inf) or whose sums overflow float64: still the exact rule."""
+    x = torch.tensor([[1e200, 1e154, 1e154, 0.1, -1e154, 0.0]], dtype=torch.float64)
+    zero, ones = torch.zeros_like(x), torch.ones_like(x)
+    for tau in (0.0, 0.04, 1e307, 7e307, 1e308, 1.5e308, 1.7e308):
+        keep = L.m2po_mask(x, zero, ones, tau)
+        assert keep.tolist() == _m2po_loop(x.tolist(), [[True] * 6], tau), tau
+    # q = 1e308 three times: the float sum is inf, the exact mean 1e308 <= tau
+    assert L.m2po_mask(x, zero, ones, 1e308).tolist() == [[False] + [True] * 5]
 
 
 def test_m2po_rule_and_validation() -> None:

@@ -40,7 +40,9 @@ bf16 policy gets float32 losses and its gradient still flows to the bf16 log-pro
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -830,6 +832,16 @@ def m2po_mask(
     rest. Only tokens with ``q > tau`` can ever be removed; if every candidate has
     ``q > tau`` all candidates are removed.
 
+    Exactness: ``q_t`` is the float64 square ``fl(x_t * x_t)`` (``+inf`` if it
+    overflows) and ``tau`` the float64 value of the argument; the comparison
+    "mean ``<= tau``", i.e. ``sum_{t in S} q_t <= |S| * tau``, is decided in exact
+    (rational) arithmetic on these values, so a mean that equals ``tau`` keeps its
+    tokens and one that exceeds it by less than a rounding error does not. A float
+    ``cumsum`` decides every prefix whose margin exceeds its rounding-error bound;
+    the few within the bound (ties like ``q = 0.2**2`` against ``tau = 0.04``) are
+    settled by an exact sum (``math.fsum``), so the result does not depend on the
+    summation order of the CPU/GPU kernel.
+
     * ``advantages=None`` (default): ``C`` = every response token (the rule as
       usually quoted: the batch mean of ``(log r)^2`` over kept tokens is ``<= tau``).
     * ``advantages`` ``[B]`` given: ``C`` = the paper's trust-region tokens, those with
@@ -865,13 +877,58 @@ def m2po_mask(
     idx = torch.nonzero(cand.reshape(-1)).reshape(-1).flip(0)  # later tokens first
     q = (x * x).reshape(-1)[idx]
     order = torch.sort(q, stable=True)
-    prefix = order.values.cumsum(0)
-    count = torch.arange(1, q.numel() + 1, dtype=torch.float64, device=x.device)
-    ok = torch.nonzero(prefix <= tau * count)
-    kept = int(ok[-1, 0]) + 1 if ok.numel() else 0
+    kept = _m2po_prefix(order.values, float(tau))
     keep = m.clone().reshape(-1)
     keep[idx[order.indices[kept:]]] = False
     return keep.reshape(m.shape)
+
+
+def _m2po_prefix(q: Tensor, tau: float) -> int:
+    """Largest ``n`` with ``sum(q[:n]) <= n * tau`` in exact arithmetic (``q`` ascending).
+
+    ``P_n = sum_{i<n} (q_i - tau)`` is convex in ``n`` (its increments ``q_i - tau``
+    never decrease) with ``P_0 = 0``, so ``{n : P_n <= 0}`` is ``[0, n*]``. A float64
+    ``cumsum`` gives ``P_n`` up to ``E_n = 4 u n (S_n + n tau) + n 2^-1070`` (``u =
+    2^-53``; a bound for any summation order, with room for the rounding of ``n tau``
+    and of the subtraction, and for underflow), which settles every ``n`` with
+    ``|P_n| > E_n``. ``n*`` lies between the last settled ``P_n <= 0`` and the first
+    settled ``P_n > 0``; that bracket is bisected with exact signs of ``P_n``
+    (:func:`math.fsum` is exact in sign; a :class:`~fractions.Fraction` sum if it
+    overflows). In practice the bracket holds no undecided ``n``: one device sync.
+    """
+    n_all = q.numel()
+    if n_all == 0:
+        return 0
+    count = torch.arange(1, n_all + 1, dtype=torch.float64, device=q.device)
+    prefix = q.cumsum(0)
+    excess = prefix - tau * count
+    bound = 4.0 * 2.0**-53 * count * (prefix + tau * count) + count * 2.0**-1070
+    # an overflow (inf bound, or inf - inf = nan) leaves n undecided
+    sure_ok = (excess <= -bound) & torch.isfinite(bound)
+    sure_bad = excess > bound
+    ok_idx = torch.nonzero(sure_ok)
+    bad_idx = torch.nonzero(sure_bad)
+    lo = int(ok_idx[-1, 0]) + 1 if ok_idx.numel() else 0  # P_lo <= 0 is known
+    hi = int(bad_idx[0, 0]) + 1 if bad_idx.numel() else n_all + 1  # P_hi > 0 is known
+    if hi == lo + 1:
+        return lo
+    vals = q[: hi - 1].tolist()
+
+    def within(n: int) -> bool:  # exact: sum(q[:n]) <= n * tau
+        if math.isinf(vals[n - 1]):  # ascending: an infinite q is in this prefix
+            return False
+        try:
+            return math.fsum(itertools.chain(vals[:n], itertools.repeat(-tau, n))) <= 0.0
+        except OverflowError:  # finite values whose partial sums pass float64's range
+            return sum(map(Fraction, vals[:n])) <= n * Fraction(tau)
+
+    while hi - lo > 1:  # invariant: P_lo <= 0 < P_hi
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # --------------------------------------------------------------------------- surrogate losses
