@@ -696,6 +696,115 @@ def test_m2po_rule_and_validation() -> None:
         L.m2po_mask(x, old, torch.ones(1, 4), advantages=torch.ones(2))
 
 
+# --------------------------------------------------------------------------- dtype range (casts)
+
+
+def test_pg_loss_refuses_coefficients_beyond_the_loss_dtype() -> None:
+    """float64 weights / advantages that float32 cannot hold raise instead of giving +-inf."""
+    logp32 = torch.full((2, 3), -1.0, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float32)
+    big = torch.full((2,), math.exp(120), dtype=torch.float64)  # finite in float64
+    with pytest.raises(
+        ValueError, match=r"weights \* advantages = 1.3e\+52 .*overflows torch\.float32"
+    ):
+        L.per_sample_pg_loss(logp32, mask, adv, big)
+    # the reported path: raw IS on sequence log weights of 120 (float64 weights)
+    old = logp32.detach() - 40.0
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.off_policy_pg_loss(logp32, old, mask, adv, is_mode="is")
+    assert logp32.grad is None
+    # float64 logp holds the product: the exact loss, finite gradient
+    logp64 = logp32.detach().double().requires_grad_(True)
+    loss = L.per_sample_pg_loss(logp64, mask, adv.double(), big, "seq-mean-token-sum")
+    torch.testing.assert_close(loss, big * adv.double() * 3.0 / 2, rtol=1e-15, atol=0)
+    loss.sum().backward()
+    assert torch.isfinite(logp64.grad).all()
+    # the product overflows although each factor fits float32
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.per_sample_pg_loss(
+            logp32, mask, torch.tensor([1e10, 1.0]).float(), torch.tensor([1e30, 1.0]).float()
+        )
+    with pytest.raises(ValueError, match=r"advantages = 1e\+40 for trajectory 0 overflows"):
+        L.per_sample_pg_loss(logp32, mask, torch.tensor([1e40, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"token_weights up to 1e\+40 overflow torch\.float32"):
+        L.per_sample_pg_loss(logp32, mask, token_weights=torch.full((2, 3), 1e40))
+    # coefficients that fit, a gradient coefficient w * u / B that does not
+    with pytest.raises(ValueError, match="gradient coefficient"):
+        L.per_sample_pg_loss(
+            logp32[:1], mask[:1], None, torch.tensor([10.0]).float(), "seq-mean-token-sum",
+            token_weights=torch.full((1, 3), 1e38, dtype=torch.float32),
+        )  # fmt: skip
+    # coefficients and gradient fit, the loss w * sum_t logp does not
+    with pytest.raises(ValueError, match=r"the loss of trajectory 0 overflows torch\.float32"):
+        L.per_sample_pg_loss(
+            torch.full((1, 3), -100.0, dtype=torch.float32),
+            mask[:1],
+            None,
+            torch.tensor([1e37], dtype=torch.float32),
+            "seq-mean-token-sum",
+        )
+    # a large coefficient on a trajectory without response tokens still has no +-inf * 0
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.per_sample_pg_loss(logp32, torch.zeros(2, 3), None, big)
+
+
+def test_pg_loss_refuses_coefficients_that_all_underflow() -> None:
+    """Every weight below float32's normal range: the loss would be 0, the exact one is not."""
+    logp32 = torch.full((2, 3), -1.0, dtype=torch.float32)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    tiny = torch.full((2,), math.exp(-120), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"below the smallest normal torch\.float32 number"):
+        L.per_sample_pg_loss(logp32, mask, None, tiny)
+    with pytest.raises(ValueError, match="every nonzero token weight"):
+        L.per_sample_pg_loss(logp32, mask, token_weights=torch.full((2, 3), 1e-50))
+    # float64 logp holds them
+    loss = L.per_sample_pg_loss(logp32.double(), mask, None, tiny)
+    torch.testing.assert_close(loss, tiny * 3.0 / 3 / 2, rtol=1e-15, atol=0)
+    # one tiny weight next to a normal one rounds as float32 arithmetic does: no error
+    mixed = torch.tensor([math.exp(-120), 1.0], dtype=torch.float64)
+    loss = L.per_sample_pg_loss(logp32, mask, None, mixed)
+    assert loss.tolist() == [0.0, 0.5]
+    # zeros are exact, not underflow (MIS rejecting everything)
+    assert torch.equal(
+        L.per_sample_pg_loss(logp32, mask, None, torch.zeros(2, dtype=torch.float64)),
+        torch.zeros(2, dtype=torch.float32),
+    )
+
+
+def test_importance_weights_refuse_total_underflow() -> None:
+    lw32 = torch.full((3,), -120.0, dtype=torch.float32)  # exp(-120) < float32's tiny
+    for kw in ({"mode": "is"}, {"mode": "tis"}, {"mode": "mis"}, {"ess_target": 0.5}):
+        with pytest.raises(ValueError, match=r"underflow torch\.float32"):
+            L.importance_weights(lw32, **kw)  # type: ignore[arg-type]
+    w = L.importance_weights(lw32.double(), "is")
+    torch.testing.assert_close(w, torch.full((3,), math.exp(-120), dtype=torch.float64))
+    # one tiny weight among normal ones is ordinary rounding; MIS rejecting all is exact 0
+    assert L.importance_weights(torch.tensor([-120.0, 0.0]).float(), "tis").tolist() == [0.0, 1.0]
+    assert L.importance_weights(torch.full((3,), 5.0), "mis", 2.0).tolist() == [0.0] * 3
+
+
+def test_advantages_refuse_overflow_of_their_dtype() -> None:
+    r32 = torch.tensor([3e38, 0.0], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"R - b overflow torch\.float32"):
+        L.reinforce_advantages(r32, -3e38)
+    # a finite float64 baseline beyond float32: named as such, not as "Inf values"
+    with pytest.raises(ValueError, match=r"\|b\| up to 1e\+40"):
+        L.reinforce_advantages(torch.zeros(2, dtype=torch.float32), 1e40)
+    r64 = torch.tensor([3e38, 0.0], dtype=torch.float64)
+    assert L.reinforce_advantages(r64, -3e38).tolist() == [6e38, 3e38]
+    # float32 squared deviations overflow beyond |R| ~ 1.8e19 (the std would be inf, A = 0)
+    r = torch.tensor([1e20, -1e20, 0.0, 1.0], dtype=torch.float32)
+    for fn in (
+        L.grpo_advantages,
+        lambda x: L.rloo_advantages(x, norm_by_std=True),
+    ):
+        with pytest.raises(ValueError, match=r"overflow the torch\.float32 group statistics"):
+            fn(r)
+    a = L.grpo_advantages(r.double())
+    torch.testing.assert_close(a, (r.double() - 0.25) / (r.double().std(unbiased=False) + 1e-6))
+
+
 def test_token_weights_compose_masks_with_sequence_weights() -> None:
     new, old, mask = _extreme_pair(b=5, t=6, seed=2)
     logp = new.clone().requires_grad_(True)
