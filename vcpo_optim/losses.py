@@ -943,21 +943,26 @@ def _m2po_prefix(q: Tensor, tau: float) -> int:
 
     ``P_n = sum_{i<n} (q_i - tau)`` is convex in ``n`` (its increments ``q_i - tau``
     never decrease) with ``P_0 = 0``, so ``{n : P_n <= 0}`` is ``[0, n*]``. A float64
-    ``cumsum`` gives ``P_n`` up to ``E_n = 4 u n (S_n + n tau) + n 2^-1070`` (``u =
+    ``cumsum`` gives ``P_n`` up to ``E_n = 4 u n (S_n + n tau) + 2^-1000`` (``u =
     2^-53``; a bound for any summation order, with room for the rounding of ``n tau``
-    and of the subtraction, and for underflow), which settles every ``n`` with
+    and of the subtraction; the constant covers underflow and is a normal number, as
+    subnormal operands are slow on x86), which settles every ``n`` with
     ``|P_n| > E_n``. ``n*`` lies between the last settled ``P_n <= 0`` and the first
     settled ``P_n > 0``; that bracket is bisected with exact signs of ``P_n``
     (:func:`math.fsum` is exact in sign; a :class:`~fractions.Fraction` sum if it
-    overflows). In practice the bracket holds no undecided ``n``: one device sync.
+    overflows). For real data the bracket holds no undecided ``n`` (the crossing has
+    slope ``q_n* - tau``, far above ``E_n``): one device sync.
     """
     n_all = q.numel()
     if n_all == 0:
         return 0
+    if tau == 0.0:  # P_n <= 0 iff q_0 .. q_{n-1} are all 0
+        return int((q == 0).sum())
     count = torch.arange(1, n_all + 1, dtype=torch.float64, device=q.device)
     prefix = q.cumsum(0)
-    excess = prefix - tau * count
-    bound = 4.0 * 2.0**-53 * count * (prefix + tau * count) + count * 2.0**-1070
+    tc = tau * count
+    excess = prefix - tc
+    bound = (prefix + tc) * (count * (4.0 * 2.0**-53)) + 2.0**-1000
     # an overflow (inf bound, or inf - inf = nan) leaves n undecided
     sure_ok = (excess <= -bound) & torch.isfinite(bound)
     sure_bad = excess > bound
