@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import mpmath
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vcpo_optim import losses as L
@@ -29,9 +30,15 @@ def test_grpo_hand_computed() -> None:
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     g = torch.tensor([7, 7, 7, 7, 3, 3])
     a = L.grpo_advantages(r, g, eps=0.0)
-    # group 7: mean 0.5, population std 0.5 -> +-1; group 3: all equal -> 0
-    assert torch.equal(a, torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0]))
+    # group 7: mean 0.5, population std 0.5 -> +-1, through a sqrt and a division: a tight
+    # tolerance (bitwise would assume every CPU's vector sqrt/div is correctly rounded);
+    # group 3: all equal -> exactly 0, which is the documented contract
+    torch.testing.assert_close(
+        a, torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0]), rtol=1e-15, atol=0
+    )
+    assert torch.equal(a[4:], torch.zeros(2))
     a2 = L.grpo_advantages(r, g, norm_by_std=False)
+    # sums of 0/1 and a division by 4: every intermediate is exact, in any summation order
     assert torch.equal(a2, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0]))
 
 
@@ -90,7 +97,9 @@ def test_integer_rewards_and_noncontiguous_group_ids() -> None:
     g = torch.tensor([100, -5, 100, -5])
     a = L.grpo_advantages(r, g, eps=0.0)
     assert a.dtype == torch.get_default_dtype()
-    assert torch.equal(a, torch.tensor([0.0, -1.0, 0.0, 1.0]))
+    # +-1 through sqrt and division: tight tolerance; the constant group is exactly 0
+    torch.testing.assert_close(a, torch.tensor([0.0, -1.0, 0.0, 1.0]), rtol=1e-15, atol=0)
+    assert a[0].item() == 0.0 and a[2].item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -567,7 +576,12 @@ def test_rejection_geometric_mean_and_k1_default_lower() -> None:
 
 
 def _m2po_loop(x, mask, tau, adv=None):
-    """Algorithm 1 of the M2PO paper, literally: remove argmax while the mean exceeds tau."""
+    """Algorithm 1 of the M2PO paper, literally: remove argmax while the mean exceeds tau.
+
+    The mean is compared with tau in exact rational arithmetic on the float64 values
+    ``q = x * x`` and ``tau`` (the rule m2po_mask documents); an infinite q makes the mean
+    infinite.
+    """
     b, t = len(x), len(x[0])
     cand = [
         (i * t + j)
@@ -576,10 +590,16 @@ def _m2po_loop(x, mask, tau, adv=None):
         if mask[i][j]
         and (adv is None or (adv[i] > 0 and x[i][j] > 0) or (adv[i] < 0 and x[i][j] < 0))
     ]
-    q = {k: x[k // t][k % t] ** 2 for k in cand}
+    q = {k: x[k // t][k % t] * x[k // t][k % t] for k in cand}  # IEEE: inf on overflow
     keep = [[bool(mask[i][j]) for j in range(t)] for i in range(b)]
     live = list(cand)
-    while live and math.fsum(q[k] for k in live) / len(live) > tau:
+
+    def mean_exceeds_tau() -> bool:
+        if any(math.isinf(q[k]) for k in live):
+            return True
+        return sum(Fraction(q[k]) for k in live) > Fraction(tau) * len(live)
+
+    while live and mean_exceeds_tau():
         top = max(q[k] for k in live)
         k = min(k for k in live if q[k] == top)  # argmax: first occurrence in [B, T] order
         live.remove(k)
@@ -587,27 +607,79 @@ def _m2po_loop(x, mask, tau, adv=None):
     return keep
 
 
-@settings(max_examples=60, deadline=None)
+# Knife-edge float64 cases (a prefix mean within rounding of tau) on which the former
+# float cumsum test ``prefix <= tau * count`` kept the wrong number of tokens.
+@example(4, 8, 0.01, False, 6, torch.float64)
+@example(3, 6, 0.04, False, 18, torch.float64)
+@example(5, 6, 0.01, True, 20, torch.float64)
+@example(4, 7, 0.04, True, 23318, torch.float64)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(
     st.integers(min_value=1, max_value=5),
     st.integers(min_value=1, max_value=8),
     st.sampled_from([0.0, 0.01, 0.04, 0.3]),
     st.booleans(),
     st.integers(min_value=0, max_value=2**31 - 1),
+    st.sampled_from([torch.float32, torch.float64]),
 )
-def test_m2po_mask_matches_algorithm_1(b, t, tau, use_adv, seed) -> None:
+def test_m2po_mask_matches_algorithm_1(b, t, tau, use_adv, seed, dtype) -> None:
+    """Closed form == Algorithm 1 (exact comparison with tau) on quantised log ratios.
+
+    Deterministic: derandomized examples, explicit dtype (not the default dtype, which
+    the autouse fixture sets once per test, not per example). In float64, ``old + x``
+    rounds so that ``q = (new - old)^2`` lands within an ulp of ``0.01``/``0.04``
+    (= tau): prefix means then tie with tau up to rounding.
+    """
     gen = torch.Generator().manual_seed(seed)
     # quantised log ratios produce ties; a few extreme ones
-    x = torch.round(torch.randn(b, t, generator=gen) * 4) / 10
-    x = torch.where(torch.rand(b, t, generator=gen) < 0.05, x * 1e3, x)
-    old = -torch.rand(b, t, generator=gen)
+    x = torch.round(torch.randn(b, t, generator=gen, dtype=dtype) * 4) / 10
+    x = torch.where(torch.rand(b, t, generator=gen, dtype=dtype) < 0.05, x * 1e3, x)
+    old = -torch.rand(b, t, generator=gen, dtype=dtype)
     new = old + x
-    mask = torch.rand(b, t, generator=gen) > 0.3
-    adv = torch.randn(b, generator=gen) if use_adv else None
+    mask = torch.rand(b, t, generator=gen, dtype=dtype) > 0.3
+    adv = torch.randn(b, generator=gen, dtype=dtype) if use_adv else None
     keep = L.m2po_mask(new, old, mask, tau, advantages=adv)
     xx = L.token_log_ratios(new, old, mask).tolist()
     ref = _m2po_loop(xx, mask.tolist(), tau, None if adv is None else adv.tolist())
     assert keep.tolist() == ref
+
+
+def test_m2po_mean_equal_to_tau_is_kept_and_above_it_is_not() -> None:
+    """Exact ties: the rule compares the mean of the float64 q with tau exactly."""
+    for v in (0.1, 0.2, 0.3, 0.7, 1.1):
+        for n in (1, 7, 10, 15, 40, 333):
+            x = torch.full((1, n), v, dtype=torch.float64)
+            zero, ones = torch.zeros_like(x), torch.ones_like(x)
+            # every q equals tau (tau is the float64 square): mean == tau, all kept
+            assert L.m2po_mask(x, zero, ones, v * v).all(), (v, n)
+            # tau one ulp below q: every token has q > tau, all removed
+            below = math.nextafter(v * v, 0.0)
+            assert not L.m2po_mask(x, zero, ones, below).any(), (v, n)
+    # 0.2**2 = 0.04000000000000001 > 0.04 (and 0.3**2 = 0.09 <= 0.09): exact verdicts
+    x = torch.full((1, 12), 0.2, dtype=torch.float64)
+    assert not L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), 0.04).any()
+    x = torch.full((1, 20), 0.3, dtype=torch.float64)
+    assert L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), 0.09).all()
+    # one token of q = tau + (n - 1) ulps among n - 1 at tau: the mean exceeds tau by
+    # less than a rounding error of the sum, so only exact arithmetic removes it
+    tau = 0.04
+    big = tau + 5 * (math.nextafter(tau, 1.0) - tau)
+    x = torch.tensor([[math.sqrt(tau)] * 5 + [math.sqrt(big)]], dtype=torch.float64)
+    q = (x * x)[0].tolist()
+    keep = L.m2po_mask(x, torch.zeros_like(x), torch.ones_like(x), tau)
+    assert keep.tolist() == _m2po_loop(x.tolist(), [[True] * 6], tau)
+    assert bool(keep.all()) == (sum(map(Fraction, q)) <= 6 * Fraction(tau))
+
+
+def test_m2po_exact_beyond_float64_range() -> None:
+    """q that overflows (x^2 = inf) or whose sums overflow float64: still the exact rule."""
+    x = torch.tensor([[1e200, 1e154, 1e154, 0.1, -1e154, 0.0]], dtype=torch.float64)
+    zero, ones = torch.zeros_like(x), torch.ones_like(x)
+    for tau in (0.0, 0.04, 1e307, 7e307, 1e308, 1.5e308, 1.7e308):
+        keep = L.m2po_mask(x, zero, ones, tau)
+        assert keep.tolist() == _m2po_loop(x.tolist(), [[True] * 6], tau), tau
+    # q = 1e308 three times: the float sum is inf, the exact mean 1e308 <= tau
+    assert L.m2po_mask(x, zero, ones, 1e308).tolist() == [[False] + [True] * 5]
 
 
 def test_m2po_rule_and_validation() -> None:
@@ -630,6 +702,115 @@ def test_m2po_rule_and_validation() -> None:
         L.m2po_mask(x, old, torch.ones(1, 4), -1.0)
     with pytest.raises(ValueError, match="advantages has 2 entries"):
         L.m2po_mask(x, old, torch.ones(1, 4), advantages=torch.ones(2))
+
+
+# --------------------------------------------------------------------------- dtype range (casts)
+
+
+def test_pg_loss_refuses_coefficients_beyond_the_loss_dtype() -> None:
+    """float64 weights / advantages that float32 cannot hold raise instead of giving +-inf."""
+    logp32 = torch.full((2, 3), -1.0, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float32)
+    big = torch.full((2,), math.exp(120), dtype=torch.float64)  # finite in float64
+    with pytest.raises(
+        ValueError, match=r"weights \* advantages = 1.3e\+52 .*overflows torch\.float32"
+    ):
+        L.per_sample_pg_loss(logp32, mask, adv, big)
+    # the reported path: raw IS on sequence log weights of 120 (float64 weights)
+    old = logp32.detach() - 40.0
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.off_policy_pg_loss(logp32, old, mask, adv, is_mode="is")
+    assert logp32.grad is None
+    # float64 logp holds the product: the exact loss, finite gradient
+    logp64 = logp32.detach().double().requires_grad_(True)
+    loss = L.per_sample_pg_loss(logp64, mask, adv.double(), big, "seq-mean-token-sum")
+    torch.testing.assert_close(loss, big * adv.double() * 3.0 / 2, rtol=1e-15, atol=0)
+    loss.sum().backward()
+    assert torch.isfinite(logp64.grad).all()
+    # the product overflows although each factor fits float32
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.per_sample_pg_loss(
+            logp32, mask, torch.tensor([1e10, 1.0]).float(), torch.tensor([1e30, 1.0]).float()
+        )
+    with pytest.raises(ValueError, match=r"advantages = 1e\+40 for trajectory 0 overflows"):
+        L.per_sample_pg_loss(logp32, mask, torch.tensor([1e40, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"token_weights up to 1e\+40 overflow torch\.float32"):
+        L.per_sample_pg_loss(logp32, mask, token_weights=torch.full((2, 3), 1e40))
+    # coefficients that fit, a gradient coefficient w * u / B that does not
+    with pytest.raises(ValueError, match="gradient coefficient"):
+        L.per_sample_pg_loss(
+            logp32[:1], mask[:1], None, torch.tensor([10.0]).float(), "seq-mean-token-sum",
+            token_weights=torch.full((1, 3), 1e38, dtype=torch.float32),
+        )  # fmt: skip
+    # coefficients and gradient fit, the loss w * sum_t logp does not
+    with pytest.raises(ValueError, match=r"the loss of trajectory 0 overflows torch\.float32"):
+        L.per_sample_pg_loss(
+            torch.full((1, 3), -100.0, dtype=torch.float32),
+            mask[:1],
+            None,
+            torch.tensor([1e37], dtype=torch.float32),
+            "seq-mean-token-sum",
+        )
+    # a large coefficient on a trajectory without response tokens still has no +-inf * 0
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        L.per_sample_pg_loss(logp32, torch.zeros(2, 3), None, big)
+
+
+def test_pg_loss_refuses_coefficients_that_all_underflow() -> None:
+    """Every weight below float32's normal range: the loss would be 0, the exact one is not."""
+    logp32 = torch.full((2, 3), -1.0, dtype=torch.float32)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    tiny = torch.full((2,), math.exp(-120), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"below the smallest normal torch\.float32 number"):
+        L.per_sample_pg_loss(logp32, mask, None, tiny)
+    with pytest.raises(ValueError, match="every nonzero token weight"):
+        L.per_sample_pg_loss(logp32, mask, token_weights=torch.full((2, 3), 1e-50))
+    # float64 logp holds them
+    loss = L.per_sample_pg_loss(logp32.double(), mask, None, tiny)
+    torch.testing.assert_close(loss, tiny * 3.0 / 3 / 2, rtol=1e-15, atol=0)
+    # one tiny weight next to a normal one rounds as float32 arithmetic does: no error
+    mixed = torch.tensor([math.exp(-120), 1.0], dtype=torch.float64)
+    loss = L.per_sample_pg_loss(logp32, mask, None, mixed)
+    assert loss.tolist() == [0.0, 0.5]
+    # zeros are exact, not underflow (MIS rejecting everything)
+    assert torch.equal(
+        L.per_sample_pg_loss(logp32, mask, None, torch.zeros(2, dtype=torch.float64)),
+        torch.zeros(2, dtype=torch.float32),
+    )
+
+
+def test_importance_weights_refuse_total_underflow() -> None:
+    lw32 = torch.full((3,), -120.0, dtype=torch.float32)  # exp(-120) < float32's tiny
+    for kw in ({"mode": "is"}, {"mode": "tis"}, {"mode": "mis"}, {"ess_target": 0.5}):
+        with pytest.raises(ValueError, match=r"underflow torch\.float32"):
+            L.importance_weights(lw32, **kw)  # type: ignore[arg-type]
+    w = L.importance_weights(lw32.double(), "is")
+    torch.testing.assert_close(w, torch.full((3,), math.exp(-120), dtype=torch.float64))
+    # one tiny weight among normal ones is ordinary rounding; MIS rejecting all is exact 0
+    assert L.importance_weights(torch.tensor([-120.0, 0.0]).float(), "tis").tolist() == [0.0, 1.0]
+    assert L.importance_weights(torch.full((3,), 5.0), "mis", 2.0).tolist() == [0.0] * 3
+
+
+def test_advantages_refuse_overflow_of_their_dtype() -> None:
+    r32 = torch.tensor([3e38, 0.0], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"R - b overflow torch\.float32"):
+        L.reinforce_advantages(r32, -3e38)
+    # a finite float64 baseline beyond float32: named as such, not as "Inf values"
+    with pytest.raises(ValueError, match=r"\|b\| up to 1e\+40"):
+        L.reinforce_advantages(torch.zeros(2, dtype=torch.float32), 1e40)
+    r64 = torch.tensor([3e38, 0.0], dtype=torch.float64)
+    assert L.reinforce_advantages(r64, -3e38).tolist() == [6e38, 3e38]
+    # float32 squared deviations overflow beyond |R| ~ 1.8e19 (the std would be inf, A = 0)
+    r = torch.tensor([1e20, -1e20, 0.0, 1.0], dtype=torch.float32)
+    for fn in (
+        L.grpo_advantages,
+        lambda x: L.rloo_advantages(x, norm_by_std=True),
+    ):
+        with pytest.raises(ValueError, match=r"overflow the torch\.float32 group statistics"):
+            fn(r)
+    a = L.grpo_advantages(r.double())
+    torch.testing.assert_close(a, (r.double() - 0.25) / (r.double().std(unbiased=False) + 1e-6))
 
 
 def test_token_weights_compose_masks_with_sequence_weights() -> None:

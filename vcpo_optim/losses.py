@@ -36,11 +36,17 @@ Precision: log ratios and log weights are computed in float64 whatever the input
 dtype (bf16/fp16/fp32 values convert exactly); every other sum (advantages,
 weights, the surrogate) runs in the input dtype promoted to at least float32, so a
 bf16 policy gets float32 losses and its gradient still flows to the bf16 log-probs.
+A value that this dtype cannot hold is refused, never rounded to ``+-inf`` or
+flushed to 0 wholesale: float64 weights of ``exp(120)`` with float32 log-probs,
+weights that all lie below float32's normal range, rewards whose statistics
+overflow (see each function's Raises).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -175,6 +181,12 @@ def _group_stats(rewards: Tensor, inv: Tensor, g: int) -> tuple[Tensor, Tensor, 
         0, inv, rewards, reduce="amax"
     )
     std = torch.where(rmax == rmin, torch.zeros_like(var), var.sqrt())
+    if not bool((torch.isfinite(total).all() & torch.isfinite(var).all()).item()):
+        raise ValueError(
+            f"rewards up to {rewards.abs().max().item():.3g} overflow the {dtype} group "
+            f"statistics (a group sum or squared deviation exceeds {torch.finfo(dtype).max:.3g})"
+            + ("; pass float64 rewards" if dtype != torch.float64 else "")
+        )
     return count[inv], total[inv], std[inv]
 
 
@@ -211,17 +223,36 @@ def reinforce_advantages(rewards: Tensor, baseline: float | Tensor | None = None
         ``[B]`` detached advantages in the dtype of ``rewards`` promoted to at least
         float32 (float default dtype for integer rewards). This holds for every
         advantage function here: bf16/fp16 rewards are summed in float32.
+
+    Raises:
+        ValueError: NaN/Inf rewards or baseline (checked in their own precision), or
+            ``R - b`` beyond the range of that dtype (pass float64 rewards). The
+            group statistics of :func:`rloo_advantages` and :func:`grpo_advantages`
+            raise likewise when a group sum or squared deviation overflows.
     """
     r = _prep_rewards(rewards)
     if baseline is None:
         return r.clone()
-    b = torch.as_tensor(baseline, dtype=r.dtype, device=r.device).detach()
-    if b.dim() not in (0, 1) or (b.dim() == 1 and b.shape[0] != r.shape[0]):
+    # validate in the baseline's own precision (a Python float is a float64), then cast
+    if isinstance(baseline, Tensor):
+        b_in = baseline.detach().to(r.device)
+    else:
+        b_in = torch.as_tensor(baseline, dtype=torch.float64, device=r.device)
+    if not b_in.is_floating_point():
+        b_in = b_in.to(torch.float64)
+    if b_in.dim() not in (0, 1) or (b_in.dim() == 1 and b_in.shape[0] != r.shape[0]):
         raise ValueError(
-            f"baseline must be a scalar or of shape [{r.shape[0]}], got {tuple(b.shape)}"
+            f"baseline must be a scalar or of shape [{r.shape[0]}], got {tuple(b_in.shape)}"
         )
-    _check_finite(b, "baseline")
-    return r - b
+    _check_finite(b_in, "baseline")
+    adv = r - b_in.to(r.dtype)
+    if not bool(torch.isfinite(adv).all().item()):
+        raise ValueError(
+            f"advantages R - b overflow {r.dtype} (|R| up to {r.abs().max().item():.3g}, "
+            f"|b| up to {b_in.abs().max().item():.3g})"
+            + ("; pass float64 rewards" if r.dtype != torch.float64 else "")
+        )
+    return adv
 
 
 def rloo_advantages(
@@ -444,8 +475,11 @@ def importance_weights(
 
     Raises:
         ValueError: non-finite log weights, ``c <= 0``, an unknown mode,
-            ``ess_target`` with a mode other than ``"tis"``, or weights that overflow
-            the dtype (``"is"``, or ``"tis"`` when the ESS target needs no cap).
+            ``ess_target`` with a mode other than ``"tis"``, weights that overflow
+            the dtype (``"is"``, or ``"tis"`` when the ESS target needs no cap), or
+            weights that all underflow it (every weight that is positive in exact
+            arithmetic below the smallest normal number, e.g. float32 log weights all
+            below ~-87.3: subtract ``lw.max()`` first or pass float64 log weights).
     """
     _check_vector(log_weights, "log_weights")
     _check_float(log_weights, "log_weights")
@@ -462,25 +496,48 @@ def importance_weights(
     if mode == "none":
         return torch.ones_like(lw)
     if mode == "is":
-        return _no_overflow(lw.exp(), lw, "raw importance weights")
+        return _weight_range(lw.exp(), lw, None, "raw importance weights")
     if mode == "tis" and ess_target is not None:
         log_cap = ess_truncation_cap(lw, ess_target, process_group=process_group)
         if c is not None:
             log_cap = log_cap.clamp(max=math.log(c))
         w = torch.minimum(lw.to(torch.float64), log_cap).exp().to(lw.dtype)
-        return _no_overflow(w, lw, "importance weights (the ESS target needs no cap)")
+        return _weight_range(w, lw, None, "importance weights (the ESS target needs no cap)")
     log_c = math.log(8.0 if c is None else c)
     if mode == "tis":
-        return lw.clamp(max=log_c).exp()
+        return _weight_range(lw.clamp(max=log_c).exp(), lw, None, "truncated importance weights")
     # mis
-    return torch.where(lw > log_c, torch.zeros_like(lw), lw.clamp(max=log_c).exp())
+    accepted = lw <= log_c
+    w = torch.where(accepted, lw.clamp(max=log_c).exp(), torch.zeros_like(lw))
+    return _weight_range(w, lw, accepted, "masked importance weights")
 
 
-def _no_overflow(w: Tensor, lw: Tensor, what: str) -> Tensor:
-    if not bool(torch.isfinite(w).all().item()):
+def _weight_range(w: Tensor, lw: Tensor, accepted: Tensor | None, what: str) -> Tensor:
+    """Return ``w = exp(.)`` if its dtype holds it, else raise.
+
+    Overflow (``inf``) and total underflow both raise: if every weight that is
+    positive in exact arithmetic (all of them, or the ``accepted`` ones) is below the
+    dtype's smallest normal number, the weights are 0 or denormal and so would be
+    the loss and its gradient. A single tiny weight among normal ones rounds as any
+    arithmetic in that dtype does.
+    """
+    fi = torch.finfo(w.dtype)
+    live = w if accepted is None else torch.where(accepted, w, torch.zeros_like(w))
+    n_live = w.new_tensor(w.numel()) if accepted is None else accepted.sum().to(w.dtype)
+    stats = torch.stack([torch.isfinite(w).all().to(w.dtype), live.max(), n_live]).tolist()
+    finite, top, n = stats
+    if not finite:
         raise ValueError(
             f"{what} overflow {w.dtype} (max log weight {lw.max().item():.1f}); "
             "use mode='tis' with a cap c, mode='mis', or float64 log weights"
+        )
+    if n > 0 and top < fi.tiny:
+        raise ValueError(
+            f"{what} underflow {w.dtype}: the largest is {top:.3g} (max log weight "
+            f"{lw.max().item():.1f}), below the smallest normal number {fi.tiny:.3g}, so the "
+            "loss and its gradient would be 0 or denormal. Subtract the largest log weight "
+            "first (lw - lw.max(): a common factor leaves the ESS unchanged) or use float64 "
+            "log weights"
         )
     return w
 
@@ -830,6 +887,16 @@ def m2po_mask(
     rest. Only tokens with ``q > tau`` can ever be removed; if every candidate has
     ``q > tau`` all candidates are removed.
 
+    Exactness: ``q_t`` is the float64 square ``fl(x_t * x_t)`` (``+inf`` if it
+    overflows) and ``tau`` the float64 value of the argument; the comparison
+    "mean ``<= tau``", i.e. ``sum_{t in S} q_t <= |S| * tau``, is decided in exact
+    (rational) arithmetic on these values, so a mean that equals ``tau`` keeps its
+    tokens and one that exceeds it by less than a rounding error does not. A float
+    ``cumsum`` decides every prefix whose margin exceeds its rounding-error bound;
+    the few within the bound (ties like ``q = 0.2**2`` against ``tau = 0.04``) are
+    settled by an exact sum (``math.fsum``), so the result does not depend on the
+    summation order of the CPU/GPU kernel.
+
     * ``advantages=None`` (default): ``C`` = every response token (the rule as
       usually quoted: the batch mean of ``(log r)^2`` over kept tokens is ``<= tau``).
     * ``advantages`` ``[B]`` given: ``C`` = the paper's trust-region tokens, those with
@@ -865,13 +932,63 @@ def m2po_mask(
     idx = torch.nonzero(cand.reshape(-1)).reshape(-1).flip(0)  # later tokens first
     q = (x * x).reshape(-1)[idx]
     order = torch.sort(q, stable=True)
-    prefix = order.values.cumsum(0)
-    count = torch.arange(1, q.numel() + 1, dtype=torch.float64, device=x.device)
-    ok = torch.nonzero(prefix <= tau * count)
-    kept = int(ok[-1, 0]) + 1 if ok.numel() else 0
+    kept = _m2po_prefix(order.values, float(tau))
     keep = m.clone().reshape(-1)
     keep[idx[order.indices[kept:]]] = False
     return keep.reshape(m.shape)
+
+
+def _m2po_prefix(q: Tensor, tau: float) -> int:
+    """Largest ``n`` with ``sum(q[:n]) <= n * tau`` in exact arithmetic (``q`` ascending).
+
+    ``P_n = sum_{i<n} (q_i - tau)`` is convex in ``n`` (its increments ``q_i - tau``
+    never decrease) with ``P_0 = 0``, so ``{n : P_n <= 0}`` is ``[0, n*]``. A float64
+    ``cumsum`` gives ``P_n`` up to ``E_n = 4 u n (S_n + n tau) + 2^-1000`` (``u =
+    2^-53``; a bound for any summation order, with room for the rounding of ``n tau``
+    and of the subtraction; the constant covers underflow and is a normal number, as
+    subnormal operands are slow on x86), which settles every ``n`` with
+    ``|P_n| > E_n``. ``n*`` lies between the last settled ``P_n <= 0`` and the first
+    settled ``P_n > 0``; that bracket is bisected with exact signs of ``P_n``
+    (:func:`math.fsum` is exact in sign; a :class:`~fractions.Fraction` sum if it
+    overflows). For real data the bracket holds no undecided ``n`` (the crossing has
+    slope ``q_n* - tau``, far above ``E_n``): one device sync.
+    """
+    n_all = q.numel()
+    if n_all == 0:
+        return 0
+    if tau == 0.0:  # P_n <= 0 iff q_0 .. q_{n-1} are all 0
+        return int((q == 0).sum())
+    count = torch.arange(1, n_all + 1, dtype=torch.float64, device=q.device)
+    prefix = q.cumsum(0)
+    tc = tau * count
+    excess = prefix - tc
+    bound = (prefix + tc) * (count * (4.0 * 2.0**-53)) + 2.0**-1000
+    # an overflow (inf bound, or inf - inf = nan) leaves n undecided
+    sure_ok = (excess <= -bound) & torch.isfinite(bound)
+    sure_bad = excess > bound
+    ok_idx = torch.nonzero(sure_ok)
+    bad_idx = torch.nonzero(sure_bad)
+    lo = int(ok_idx[-1, 0]) + 1 if ok_idx.numel() else 0  # P_lo <= 0 is known
+    hi = int(bad_idx[0, 0]) + 1 if bad_idx.numel() else n_all + 1  # P_hi > 0 is known
+    if hi == lo + 1:
+        return lo
+    vals = q[: hi - 1].tolist()
+
+    def within(n: int) -> bool:  # exact: sum(q[:n]) <= n * tau
+        if math.isinf(vals[n - 1]):  # ascending: an infinite q is in this prefix
+            return False
+        try:
+            return math.fsum(itertools.chain(vals[:n], itertools.repeat(-tau, n))) <= 0.0
+        except OverflowError:  # finite values whose partial sums pass float64's range
+            return sum(map(Fraction, vals[:n])) <= n * Fraction(tau)
+
+    while hi - lo > 1:  # invariant: P_lo <= 0 < P_hi
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # --------------------------------------------------------------------------- surrogate losses
@@ -911,7 +1028,16 @@ def per_sample_pg_loss(
     Precision: the loss is computed and returned in the dtype of ``logp`` promoted
     to at least float32 (a bf16 policy gives a float32 loss: a bf16 sum over 1024
     tokens was off by ~0.3%); the gradient flows back through the cast, so
-    ``logp.grad`` keeps the dtype of ``logp``.
+    ``logp.grad`` keeps the dtype of ``logp``. ``A_i w_i`` is formed in the widest
+    dtype of ``advantages`` and ``weights`` (float64 weights from
+    :func:`importance_weights` stay float64) and cast once to the loss dtype, after
+    checking that it fits: a coefficient, token weight, gradient coefficient
+    ``A_i w_i u_it / N_i`` or loss entry beyond that dtype's range raises (float32:
+    ``|A w| > 3.4e38``, i.e. log weights above ~88.7 with raw IS), and so do weights
+    that *all* lie below its smallest normal number (the loss would be 0 or
+    denormal); a single tiny weight among normal ones rounds as float32 does. With
+    float64 ``logp`` everything runs in float64. (For fp16 ``logp`` the gradient is
+    cast to fp16 after any loss scaling, which ``torch.amp.GradScaler`` guards.)
 
     Args:
         logp: ``[B, T]`` current-policy log-probs of the sampled tokens (with grad).
@@ -929,6 +1055,11 @@ def per_sample_pg_loss(
 
     Returns:
         ``[B]`` loss vector, differentiable w.r.t. ``logp``.
+
+    Raises:
+        ValueError: shape/device mismatches, NaN/Inf at response positions, negative
+            weights, or coefficients the loss dtype cannot hold (see Precision), all
+            before anything is computed or returned.
     """
     _check_logp(logp, "logp")
     _check_mask(mask, logp.shape)
@@ -938,13 +1069,15 @@ def per_sample_pg_loss(
     b = logp.shape[0]
     cd = _compute_dtype(logp.dtype)
     pairs: list[tuple[str, Tensor]] = [("logp", logp), ("mask", mask)]
-    coef = torch.ones(b, dtype=cd, device=logp.device)
+    # coef = A * w in the widest input dtype (float64 weights stay float64), cast to the
+    # compute dtype once, after checking that it fits (_check_loss_range)
+    wd = cd
     if advantages is not None:
         _check_vector(advantages, "advantages", b)
         _check_float(advantages, "advantages")
         _check_finite(advantages, "advantages")
         pairs.append(("advantages", advantages))
-        coef = coef * advantages.detach().to(cd)
+        wd = torch.promote_types(wd, advantages.dtype)
     if weights is not None:
         _check_vector(weights, "weights", b)
         _check_float(weights, "weights")
@@ -952,9 +1085,15 @@ def per_sample_pg_loss(
         if bool((weights < 0).any().item()):
             raise ValueError("weights contains negative values; importance weights are >= 0")
         pairs.append(("weights", weights))
-        coef = coef * weights.detach().to(cd)
+        wd = torch.promote_types(wd, weights.dtype)
+    coef_w = torch.ones(b, dtype=wd, device=logp.device)
+    if advantages is not None:
+        coef_w = coef_w * advantages.detach().to(wd)
+    if weights is not None:
+        coef_w = coef_w * weights.detach().to(wd)
     m = mask.bool()
     lp = logp.to(cd)
+    u_w: Tensor | None = None
     if token_weights is not None:
         if not isinstance(token_weights, Tensor) or token_weights.shape != logp.shape:
             shape = getattr(token_weights, "shape", None)
@@ -964,25 +1103,125 @@ def per_sample_pg_loss(
             )
         pairs.append(("token_weights", token_weights))
         _check_same_device(*pairs)
-        u = token_weights.detach()
-        if u.dtype != torch.bool:
-            _masked_finite(u, mask, "token_weights")
-            if bool(((u < 0) & m).any().item()):
+        u_w = token_weights.detach()
+        if u_w.dtype != torch.bool:
+            _masked_finite(u_w, mask, "token_weights")
+            if bool(((u_w < 0) & m).any().item()):
                 raise ValueError("token_weights contains negative values at response positions")
-        # padding may hold NaN: zero it before it meets the gradient (0 * NaN = NaN)
-        u = torch.where(m, u.to(cd), torch.zeros((), dtype=cd, device=logp.device))
-        lp = lp * u
     _check_same_device(*pairs)
+    lengths = m.sum(dim=1).to(cd)
+    _check_loss_range(coef_w, u_w, m, cd, agg, weights is not None, advantages is not None)
+    coef = coef_w.to(cd)
+    if u_w is not None:
+        # padding may hold NaN: zero it before it meets the gradient (0 * NaN = NaN)
+        u = torch.where(m, u_w.to(cd), torch.zeros((), dtype=cd, device=logp.device))
+        lp = lp * u
 
     tok_sum = torch.where(m, lp, torch.zeros_like(lp)).sum(dim=1)
-    lengths = m.sum(dim=1).to(cd)
     if agg == "seq-mean-token-mean":
         s = tok_sum / lengths.clamp(min=1.0) / b
     elif agg == "seq-mean-token-sum":
         s = tok_sum / b
     else:  # token-mean
         s = tok_sum / lengths.sum().clamp(min=1.0)
-    return -coef * s
+    loss = -coef * s
+    if not bool(torch.isfinite(loss.detach()).all().item()):
+        i = int(torch.nonzero(~torch.isfinite(loss.detach()))[0, 0])
+        raise ValueError(
+            f"the loss of trajectory {i} overflows {cd} (|w_i A_i| = {abs(float(coef_w[i])):.3g}"
+            f" times its aggregated log-probs): {_range_fix(cd)}"
+        )
+    return loss
+
+
+def _f64_hint(cd: torch.dtype) -> str:
+    return " or pass float64 logp" if cd != torch.float64 else ""
+
+
+def _range_fix(cd: torch.dtype) -> str:
+    fix = (
+        "cap or rescale the weights (importance_weights with mode='tis' or 'mis' and a "
+        "threshold c, or ess_target; a common factor leaves the ESS unchanged)"
+    )
+    return fix + _f64_hint(cd)
+
+
+def _check_loss_range(
+    coef: Tensor,
+    u: Tensor | None,
+    m: Tensor,
+    cd: torch.dtype,
+    agg: str,
+    has_w: bool,
+    has_a: bool,
+) -> None:
+    """Refuse coefficients that the compute dtype ``cd`` cannot carry.
+
+    ``coef = A * w`` (``[B]``, in the widest input dtype) and ``u`` (token weights) are
+    cast to ``cd``; the gradient w.r.t. ``logp_it`` is ``-coef_i u_it / N_i`` (``N_i``
+    the aggregation's normaliser, ``>= 1``). Raises if a coefficient is non-finite or
+    beyond ``cd``'s range (the loss and gradient would be +-inf or NaN), if the largest
+    gradient coefficient reaches half of it (headroom for the few roundings of the
+    backward pass, which this cannot observe), or if every nonzero coefficient is below
+    ``cd``'s smallest normal number (the loss and gradient would be 0 or denormal,
+    though the exact values are not). A single small coefficient among normal ones
+    rounds as any ``cd`` arithmetic does.
+    """
+    fi = torch.finfo(cd)
+    f64 = torch.float64
+    name = " * ".join(n for n, on in (("weights", has_w), ("advantages", has_a)) if on)
+    has_tok = m.any(dim=1)
+    ac = coef.detach().abs().to(f64)
+    if u is None:
+        umax = has_tok.to(f64)
+        u_all_small = torch.zeros((), dtype=torch.bool, device=m.device)
+    else:
+        au = torch.where(m, u.to(f64).abs(), torch.zeros((), dtype=f64, device=m.device))
+        umax = au.amax(dim=1) if au.shape[1] else torch.zeros_like(ac)
+        mx_u = umax.max()
+        u_all_small = (mx_u > 0) & (mx_u < fi.tiny)
+    if agg == "seq-mean-token-mean":
+        norm = m.sum(dim=1).clamp(min=1).to(f64) * m.shape[0]
+    elif agg == "seq-mean-token-sum":
+        norm = torch.full_like(ac, float(m.shape[0]))
+    else:
+        norm = m.sum().clamp(min=1).to(f64).expand_as(ac)
+    grad = ac * umax / norm
+    live = ac * (umax > 0)  # coefficients that meet at least one response token
+    stats = [ac.max(), umax.max(), grad.max(), live.max(), u_all_small.to(f64)]
+    cmax, umx, gmax, lmax, u_small = torch.stack(stats).tolist()  # one device sync
+    if not cmax <= fi.max:  # inf when A * w overflows even float64
+        i = int(torch.nonzero(~(ac <= fi.max))[0, 0])
+        raise ValueError(
+            f"{name} = {float(coef[i]):.3g} for trajectory {i} overflows {cd} (max "
+            f"{fi.max:.3g}), the dtype of the loss: the loss and its gradient would be inf; "
+            + _range_fix(cd)
+        )
+    if umx > fi.max:
+        raise ValueError(
+            f"token_weights up to {umx:.3g} overflow {cd} (max {fi.max:.3g}), the dtype of "
+            "the loss: cap the token weights" + _f64_hint(cd)
+        )
+    if gmax > fi.max / 2:
+        raise ValueError(
+            f"the gradient coefficient {name or '1'} * token_weights / normaliser reaches "
+            f"{gmax:.3g}, within a factor 2 of the {cd} range of the loss (max "
+            f"{fi.max:.3g}): the backward pass could overflow; " + _range_fix(cd)
+        )
+    if 0 < lmax < fi.tiny:
+        raise ValueError(
+            f"every nonzero {name} is below the smallest normal {cd} number ({fi.tiny:.3g};"
+            f" largest {lmax:.3g}): in {cd}, the dtype of the loss, the loss and its gradient "
+            "would be 0 or denormal although the exact values are not. Rescale the weights "
+            "(e.g. subtract the largest log weight before exp: a common factor leaves the ESS "
+            "unchanged)" + _f64_hint(cd)
+        )
+    if u_small:
+        raise ValueError(
+            f"every nonzero token weight is below the smallest normal {cd} number "
+            f"({fi.tiny:.3g}): the loss and its gradient would be 0 or denormal; rescale "
+            "the token weights" + _f64_hint(cd)
+        )
 
 
 class OffPolicyLoss(NamedTuple):

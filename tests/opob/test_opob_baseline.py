@@ -69,7 +69,11 @@ def test_zero_norms_plain_mean_and_zero_std():
     sid = torch.tensor([0, 0, 1, 1])
     b = scope_baselines(torch.zeros(4), r, sid, 2)
     assert b.tolist() == [2.0, 2.0]
-    assert scope_inv_std(r, sid, 2).tolist() == [1.0, 0.0]
+    inv = scope_inv_std(r, sid, 2)
+    # a constant scope gives exactly 0 (the contract); 1/std = rsqrt(1) is only as exact as
+    # the CPU's rsqrt path, so a tight float32 tolerance instead of bitwise 1.0
+    assert inv[1].item() == 0.0
+    torch.testing.assert_close(inv[0], torch.tensor(1.0), rtol=2.4e-7, atol=0)
 
 
 @settings(max_examples=60, deadline=None)
