@@ -42,6 +42,9 @@ from .rules import lm_head as _lmh
 from .rules.base import Dense, Factor, Outer, Rows, Softmax
 
 _MIN_CHUNK_ELEMS = 1 << 22
+#: The floor for the two passes of a checkpointed call (:mod:`vcpo_optim.opob.recompute`): there
+#: the factors in flight are one layer's, so transient buffers stay within their size.
+LEAN_CHUNK_ELEMS = 1 << 16
 #: On CPU, per-sample gradient stacks are materialised a few samples at a time so that the
 #: stack stays in cache while its norm and its accumulation read it (~1 MB in float32).
 _CPU_MATERIALIZE_ELEMS = 1 << 18
@@ -208,6 +211,7 @@ class ParamWork:
     strategy: str = ""
     acc_r: Tensor | None = None
     acc_s: Tensor | None = None
+    min_chunk: int = _MIN_CHUNK_ELEMS  # transient buffers: max(this, the factors' size)
 
     @property
     def numel(self) -> int:
@@ -243,7 +247,7 @@ class ParamWork:
 
     def _chunk(self, per_sample: int, materialize: bool = False) -> int:
         """Samples per chunk: transient buffers stay below max(4M elements, the factors' size)."""
-        cap = max(_MIN_CHUNK_ELEMS, sum(_elems(f) for f in self.factors))
+        cap = max(self.min_chunk, sum(_elems(f) for f in self.factors))
         if materialize and self.param.device.type == "cpu":
             cap = _CPU_MATERIALIZE_ELEMS
         return max(1, cap // max(per_sample, 1))
@@ -330,3 +334,122 @@ class ParamWork:
         for f in self.factors[1:]:
             out += _write(f, coeff, self.param.shape, dt)
         return out
+
+
+# ----------------------------------------------------------------------------- incremental norms
+
+
+def pair_dots(
+    f1: Factor,
+    f2: Factor,
+    batch: int,
+    shape: torch.Size,
+    dt: torch.dtype,
+    floor: int = LEAN_CHUNK_ELEMS,
+) -> Tensor:
+    """``<F1_i, F2_i>`` for every sample: ghost where it applies, else materialised in chunks."""
+    if isinstance(f1, Softmax) or isinstance(f2, Softmax):
+        return _lmh.pair_dot(f1, f2, dt)
+    out = torch.empty(
+        batch, dtype=dt, device=f1.g.device if not isinstance(f1, Dense) else f1.G.device
+    )
+    if math.isfinite(_pair_cost(f1, f2)):
+        assert not isinstance(f1, Dense) and not isinstance(f2, Dense)
+        nb = f1.g.shape[2] if isinstance(f1, Outer) else 1
+        per = 2 * nb * f1.g.shape[1] * f2.g.shape[1]
+        step = max(1, max(floor, _elems(f1) + _elems(f2)) // max(per, 1))
+        for lo in range(0, batch, step):
+            hi = min(batch, lo + step)
+            out[lo:hi] = _pair_dot(f1, f2, lo, hi, dt)
+        return out
+    numel = math.prod(shape)
+    cap = (
+        _CPU_MATERIALIZE_ELEMS if out.device.type == "cpu" else max(floor, _elems(f1) + _elems(f2))
+    )
+    step = max(1, cap // max(numel, 1))
+    for lo in range(0, batch, step):
+        hi = min(batch, lo + step)
+        a = _materialize(f1, lo, hi, shape, dt).reshape(hi - lo, -1)
+        b = _materialize(f2, lo, hi, shape, dt).reshape(hi - lo, -1)
+        out[lo:hi] = torch.linalg.vecdot(a, b)
+    return out
+
+
+def rows_at(f: Factor, idx: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor | None:
+    """``R[i, s] = F_i[idx[i, s], :]``, ``[B, S, d]``, for a ``[V, d]`` parameter (``None``: not here).
+
+    The cross term of ``F`` with a :class:`Rows` factor on the same indices is
+    then ``<F_i, Rows_i> = sum_s <R[i, s], g[i, s]>`` (repeated indices included),
+    so ``R`` can stand in for ``F`` until that factor arrives: an LM head's
+    ``[B, T, V]`` output gradient becomes ``[B, S, d]`` for its tied embedding.
+    """
+    if len(shape) != 2 or isinstance(f, Softmax):  # the lean head's factor is small: kept
+        return None
+    b = idx.shape[0]
+    if isinstance(f, Outer):
+        if f.g.shape[2] != 1:
+            return None
+        a, g = _c(f.a[:, :, 0], dt), _c(f.g[:, :, 0], dt)  # [B, T, d], [B, T, V]
+        gathered = g.gather(2, idx.unsqueeze(1).expand(-1, g.shape[1], -1))  # [B, T, S]
+        return torch.bmm(gathered.transpose(1, 2), a)
+    if isinstance(f, Rows):
+        eq = (idx.unsqueeze(2) == f.idx.unsqueeze(1)).to(dt)  # [B, S, T]
+        return torch.bmm(eq, _c(f.g, dt))
+    G = _c(f.G, dt).reshape(b, *shape)
+    return G.gather(1, idx.unsqueeze(-1).expand(-1, -1, shape[1]))
+
+
+class Running:
+    """Per-sample norms of a parameter used several times, formed as its uses arrive.
+
+    ``n_i = sum_u <F_u,i, F_u,i> + 2 sum_{u < v} <F_u,i, F_v,i>``: each arriving
+    factor adds its own term and its cross terms with the factors kept so far,
+    and is kept only while uses are still to come. Once every use still to come
+    is a :class:`Rows` factor whose indices are known (a tied embedding whose
+    token ids the tape holds), the kept factors are replaced by their rows at
+    those indices (:func:`rows_at`).
+    """
+
+    def __init__(self, param: Tensor, name: str, batch: int) -> None:
+        self.param = param
+        self.name = name
+        self.batch = batch
+        self.dt = acc_dtype(param)
+        self.sq = torch.zeros(batch, dtype=self.dt, device=param.device)
+        self.kept: list[Factor] = []
+        self.rows: dict[int, tuple[Tensor, Tensor]] = {}  # use still to come -> (indices, R)
+
+    def add(self, key: int, f: Factor, to_come: dict[int, Tensor | None]) -> None:
+        """The factor of use ``key``; ``to_come``: the uses still to come -> their Rows indices (or None)."""
+        b, shape, dt = self.batch, self.param.shape, self.dt
+        w = ParamWork(self.param, self.name, [f], min_chunk=LEAN_CHUNK_ELEMS)
+        w.choose(b, 1, 0, accumulate=False)
+        n = w.sq_norms(b)
+        for k in self.kept:
+            n += 2 * pair_dots(k, f, b, shape, dt)
+        hit = self.rows.pop(key, None)
+        if hit is not None:
+            idx, r = hit
+            if not (isinstance(f, Rows) and torch.equal(f.idx, idx)):
+                raise RuntimeError(f"OPOB: internal: the factor of '{self.name}' changed its rows")
+            n += 2 * (r * _c(f.g, dt)).sum(dim=(1, 2))
+        self.sq += n
+        if not to_come:
+            self.kept = []
+            return
+        self.kept.append(f)
+        if all(v is not None for v in to_come.values()):
+            projected: dict[int, Tensor] = {}
+            for k, idx in to_come.items():
+                assert idx is not None
+                parts = [rows_at(x, idx, shape, dt) for x in self.kept]
+                if any(p is None for p in parts):
+                    return  # keep the factors themselves
+                r = parts[0]
+                for p in parts[1:]:
+                    r = r + p
+                projected[k] = r
+            for k, r in projected.items():
+                prev = self.rows.get(k)
+                self.rows[k] = (to_come[k], r if prev is None else prev[1] + r)  # type: ignore[assignment]
+            self.kept = []

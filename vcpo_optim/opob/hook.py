@@ -28,6 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import distributed as _dist
 from . import distributed as red
+from . import recompute
 from .baseline import AGGS
 from .rules import FALLBACK_UNITS, RULES, get_rule, register_rule
 from .step import Config, OPOBResult, Step
@@ -130,6 +131,22 @@ class OPOB:
             The baseline is computed from the unclipped ``n_i`` first (see
             below). With ``scope="batch"`` the optimizer step must be one
             :meth:`backward` call (a second call in the step raises).
+        checkpointing: activation checkpointing
+            (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``,
+            ``model.gradient_checkpointing_enable()`` in ``transformers``).
+            ``"auto"`` (default): modules called inside a checkpoint region are
+            recorded without their input, which is captured while the backward
+            recomputes the region; a call with such modules then runs two
+            passes (norms while recomputing, then ``sum_i c_i grad l_i`` by one
+            more backward of the per-sample loss weighted by ``c``; two for
+            ``scope="batch"``), so its memory stays that of plain checkpointed
+            training at the cost of one more backward and recomputation.
+            Where this torch's checkpoint internals are not recognised (checked
+            once per process), and under FSDP2 or tensor parallelism, the inputs
+            are held instead (exact; a warning says the memory is not saved).
+            ``False``: always hold the inputs (one pass, faster, no memory
+            saving). ``True``: like ``"auto"``, but a ``ValueError`` where the
+            inputs would be held.
 
     Per-trajectory clipping (``max_sample_grad_norm``) is Opacus-style
     clipping of the summands actually written: each ``x_i = c_i grad l_i``
@@ -216,7 +233,11 @@ class OPOB:
     gradient clipping, ``GradScaler.unscale_`` and DDP-free loops need nothing
     else.
 
-    Refused with a ``ValueError``: BatchNorm in training mode (mixes samples),
+    Refused with a ``ValueError``: reentrant activation checkpointing
+    (``use_reentrant=True``: its backward runs inside OPOB's and writes plain
+    gradients; with ``transformers`` pass
+    ``gradient_checkpointing_kwargs={"use_reentrant": False}``),
+    BatchNorm in training mode (mixes samples),
     hooked modules whose input dim 0 is not ``B`` (broadcast inputs such as
     position ids of shape ``[1, T]``: expand them to ``[B, T]``), a tracked
     parameter used outside the forward of a module that owns it (for example
@@ -243,6 +264,7 @@ class OPOB:
         tensor_parallel_group: Any = None,
         grad_reduction: str = "sum",
         max_sample_grad_norm: float | None = None,
+        checkpointing: bool | str = "auto",
     ) -> None:
         if scope not in ("group", "batch"):
             raise ValueError(f"OPOB: scope must be 'group' or 'batch', got {scope!r}")
@@ -268,6 +290,10 @@ class OPOB:
                 )
             max_sample_grad_norm = float(c)
         self.max_sample_grad_norm = max_sample_grad_norm
+        if not (isinstance(checkpointing, bool) or checkpointing == "auto"):
+            raise ValueError(
+                f"OPOB: checkpointing must be 'auto', True or False, got {checkpointing!r}"
+            )
         self.model = model
         self.scope = scope
         self.agg = agg
@@ -377,6 +403,8 @@ class OPOB:
                 "the world group, would also sum the gradients of different TP shards"
             )
         self._reducer = red.GradReducer(process_group, tp_group, grad_reduction, fsdp, order)
+        self.checkpointing = checkpointing
+        defer, hold_reason = self._checkpoint_mode(checkpointing, fsdp or tp_group is not None)
 
         # ---- attach (nothing above changed any state) ----
         hooked = rule_mods + fb_mods + unit_mods
@@ -391,6 +419,7 @@ class OPOB:
             )
             old.detach(replaced=True)
         self._tape = tape = Tape(f"the OPOB created for {type(model).__name__} at {id(self):#x}")
+        tape.defer, tape.hold_reason = defer, hold_reason
         self._step = Step(
             Config(
                 self.scope, self.agg, self.norm_by_std, self.winsor_q, self.max_sample_grad_norm
@@ -423,6 +452,33 @@ class OPOB:
         tape.handles.append(register_optimizer_step_post_hook(on_step))  # removed with the tape
         self._finalizer = weakref.finalize(self, tape.detach)
         self._attached = True
+
+    @staticmethod
+    def _checkpoint_mode(checkpointing: bool | str, sharded: bool) -> tuple[bool, str]:
+        """Whether checkpointed modules' inputs are deferred, and else why (the warning)."""
+        if checkpointing is False:
+            return False, ""
+        if sharded:
+            why = (
+                "OPOB: under FSDP2 or tensor parallelism the inputs of checkpointed modules are "
+                "held until the backward (exact, but activation checkpointing saves no memory "
+                "under OPOB)"
+            )
+        elif not recompute.supported():
+            why = (
+                f"OPOB: this torch ({torch.__version__}) does not checkpoint the way OPOB "
+                "recognises (torch.utils.checkpoint internals), so the inputs of checkpointed "
+                "modules are held until the backward (exact, but activation checkpointing saves "
+                "no memory under OPOB)"
+            )
+        else:
+            return True, ""
+        if checkpointing is True:
+            raise ValueError(
+                why.replace("held until", "would be held until")
+                + "; pass checkpointing='auto' or False"
+            )
+        return False, why + "; pass checkpointing=False to silence this warning."
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import distributed as _dist
 from . import distributed as red
+from . import recompute
 from .baseline import (
     merge_stats,
     scope_baselines,
@@ -52,9 +53,9 @@ from .baseline import (
     stats_baselines,
     stats_inv_std,
 )
-from .engine import ParamWork
+from .engine import LEAN_CHUNK_ELEMS, ParamWork, Running
 from .rules import fallback_factors, get_rule
-from .rules.base import Factor
+from .rules.base import Factor, Rows
 from .tape import Tape
 
 __all__ = ["Config", "OPOBResult", "Step", "StepState"]
@@ -329,6 +330,15 @@ class Step:
             if bad and b:  # an empty list of ids is a float tensor; nothing to check
                 raise ValueError(f"OPOB: groups must be integer ids, got dtype {g.dtype}")
             g = g.to(torch.int64)
+        if b and not self.tape and recompute.find_reentrant(loss):
+            raise ValueError(recompute.REENTRANT)  # what an empty tape usually means then
+        if self.tape.deferred and self.tape.once:
+            raise ValueError(
+                f"OPOB: {self.tape.once}, while other checkpointed modules of this forward are "
+                "recorded to be recomputed twice (OPOB(..., checkpointing='auto')). Use one kind "
+                "of checkpointing, or OPOB(..., checkpointing=False) (inputs held, one backward). "
+                "Nothing was changed."
+            )
         self.tape.validate(b, require_records=b > 0)
         return b, r, g
 
@@ -599,26 +609,33 @@ class Step:
 
         # ---- local work: audit, the autograd pass, factors, norms (failures deferred) ----
         error: BaseException | None = None
-        works: dict[int, ParamWork] = {}
+        works: dict[int, Any] = {}
         parts: list[tuple[Tensor, Tensor]] = []
         sq = torch.zeros(b, dtype=dt, device=dev)
         try:
             grads: tuple[Tensor | None, ...] = ()
+            two_pass = False  # checkpointed modules: norms while recomputing, then the gradient
             if b or (self.tape and loss.requires_grad):  # an empty rank that ran a forward too
                 self.tape.audit(loss, self.params, self.names, self.owned, self.model)
-                grads = self._autograd(loss)
+                two_pass = b > 0 and self.tape.deferred
+                if two_pass:
+                    self._norm_pass(loss, b, ns_acc, dt, parts)
+                else:
+                    grads = self._autograd(loss)
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-                if b:
+                if b and not two_pass:
                     works = self._factors(grads, b)
                 grads = ()
-                self.tape.clear()  # the factors hold what is still needed; free the rest now
-                for w in works.values():
+                if not two_pass:  # pass 2 needs the records again
+                    self.tape.clear()  # the factors hold what is still needed; free the rest now
+                for w in works.values() if not two_pass else ():
                     if clip is None:
                         w.choose(b, ns_acc, 2 if batch_scope else 1)
                     else:  # clipped coefficients: one write, no accumulators
                         w.choose(b, ns_acc, 1, accumulate=False)
                     parts.append((w.param, w.sq_norms(b, r_acc, q_acc, sid_acc, ns_acc).to(dt)))
-                    sq += parts[-1][1]
+                for _, n in parts:
+                    sq += n
         except Exception as exc:
             if not shared:
                 raise
@@ -687,6 +704,8 @@ class Step:
             staged: dict[int, tuple[Tensor, Tensor]] = {}  # batch scope: this call's sums
             try:
                 acc_batch = batch_scope and clip is None  # clipped: one call per step, no sums
+                if two_pass:  # pass 2: the weighted sums from the factors, recomputed again
+                    works = self._sum_pass(loss, b, [r, q_acc] if acc_batch else [coef])
                 self._write(works, st, bs, ks, r, q_acc, coef, acc_batch, staged, buffered)
             except Exception as exc:
                 if not buffered:
@@ -794,7 +813,7 @@ class Step:
 
     def _write(
         self,
-        works: dict[int, ParamWork],
+        works: dict[int, Any],
         st: StepState,
         bs: Tensor,
         ks: Tensor,
@@ -846,20 +865,24 @@ class Step:
             if pid not in works:  # used in an earlier call only: its baseline moved
                 write(self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
 
-    def _autograd(self, loss: Tensor) -> tuple[Tensor | None, ...]:
-        """The single autograd pass: gradients of ``sum_i l_i`` at every recorded module output."""
+    def _autograd(
+        self, loss: Tensor, inputs: list[Any] | None = None, retain: bool = False
+    ) -> tuple[Tensor | None, ...]:
+        """An autograd pass of OPOB (the tape paused): gradients of ``sum_i l_i`` at every
+        recorded module output (the single pass), or at ``inputs`` (the two passes of
+        :mod:`vcpo_optim.opob.recompute`)."""
         params = list(self.params.values())
         before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
         self.tape.paused = True
         try:
-            edges = [e for u in self.tape for e in u.edges]
-            grads = torch.autograd.grad(loss.sum(), edges, allow_unused=True)
+            if inputs is None:
+                inputs = [e for u in self.tape for e in u.edges]
+            with torch.enable_grad():  # pass 2 runs inside the write's no_grad block
+                total = loss.sum()
+            grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
         except RuntimeError as e:
             if "heckpoint" in str(e):
-                raise ValueError(
-                    "OPOB: reentrant activation checkpointing cannot be combined with OPOB's single "
-                    "backward pass; use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
-                ) from e
+                raise ValueError(recompute.REENTRANT) from e
             raise
         finally:
             self.tape.paused = False
@@ -877,6 +900,120 @@ class Step:
             )
         return grads
 
+    def _norm_pass(
+        self,
+        loss: Tensor,
+        b: int,
+        n_scopes: int,
+        dt: torch.dtype,
+        parts: list[tuple[Tensor, Tensor]],
+    ) -> None:
+        """Norms of a call with checkpointed records (:mod:`vcpo_optim.opob.recompute`, pass 1).
+
+        Each record's factors are formed as soon as its output gradient and its
+        input exist, and freed right after: a parameter used once gets its norms
+        (appended to ``parts``) at once; one used several times accumulates them
+        as its uses arrive (:class:`~vcpo_optim.opob.engine.Running`). The graph is
+        retained for pass 2 (:meth:`_sum_pass`).
+        """
+        uses_of: dict[int, list[Any]] = {}
+        for u in self.tape:
+            for pid in self.owned.get(id(u.module), ()):
+                uses_of.setdefault(pid, []).append(u)
+        done: set[int] = set()
+        running: dict[int, Running] = {}
+        probed: dict[int, dict[int, Tensor]] = {}
+        off = torch.autocast(loss.device.type, enabled=False)
+
+        def rows_of(u: Any, pid: int) -> Tensor | None:
+            """The Rows indices of a use still to come, if its input is there to tell."""
+            if id(u) not in probed:
+                got: dict[int, Tensor] = {}
+                if u.rule and len(u.edges) == 1 and (not u.deferred or u.captured):
+                    zero = torch.zeros(u.out_shapes[0], device=loss.device)
+                    for pname, f in (self._use_factors(u, [zero], b) or {}).items():
+                        if isinstance(f, Rows):
+                            got[id(u.module.get_parameter(pname))] = f.idx
+                probed[id(u)] = got
+            return probed[id(u)].get(pid)
+
+        def consume(u: Any, grads: list[Tensor | None]) -> None:
+            with torch.no_grad(), off:
+                facs = self._use_factors(u, grads, b)
+                if u.deferred:  # recaptured in pass 2; held inputs stay for it
+                    u.args, u.kwargs = (), {}
+                done.add(id(u))
+                probed.pop(id(u), None)
+                for pname, fac in (facs or {}).items():
+                    p = u.module.get_parameter(pname)
+                    pid = id(p)
+                    name = self.names.get(pid, pname)
+                    mates = uses_of.get(pid, [])
+                    if len(mates) <= 1:  # used once: its norms now
+                        w = ParamWork(p, name, [fac], min_chunk=LEAN_CHUNK_ELEMS)
+                        w.choose(b, n_scopes, 0, accumulate=False)
+                        parts.append((p, w.sq_norms(b).to(dt)))
+                        continue
+                    run = running.get(pid)
+                    if run is None:
+                        run = running[pid] = Running(p, name, b)
+                    to_come = {id(v): rows_of(v, pid) for v in mates if id(v) not in done}
+                    run.add(id(u), fac, to_come)
+
+        recompute.factor_pass(
+            self.tape,
+            loss,
+            self.params,
+            self.owned,
+            lambda inputs: self._autograd(loss, inputs, retain=True),
+            consume,
+        )
+        for run in running.values():
+            parts.append((run.param, run.sq.to(dt)))
+        running.clear()
+
+    def _sum_pass(self, loss: Tensor, b: int, vectors: list[Tensor]) -> dict[int, Any]:
+        """Pass 2 of a call with checkpointed records: ``sum_i c_i G_i`` for each ``c`` in ``vectors``.
+
+        The same backward as pass 1 (the records' inputs captured again from the
+        recomputation), with each record's factors written into one
+        parameter-sized sum per vector as they arrive (the engine's weighted sums,
+        as in the single pass) and freed. Frees the graph.
+        """
+        sums: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        off = torch.autocast(loss.device.type, enabled=False)
+
+        def consume(u: Any, grads: list[Tensor | None]) -> None:
+            with torch.no_grad(), off:
+                facs = self._use_factors(u, grads, b)
+                if u.deferred:
+                    u.args, u.kwargs = (), {}
+                for pname, fac in (facs or {}).items():
+                    p = u.module.get_parameter(pname)
+                    w = ParamWork(
+                        p, self.names.get(id(p), pname), [fac], min_chunk=LEAN_CHUNK_ELEMS
+                    )
+                    got = [w.weighted_sum(c) for c in vectors]
+                    prev = sums.get(id(p))
+                    if prev is None:
+                        sums[id(p)] = (p, got)
+                    else:
+                        for acc, g in zip(prev[1], got):
+                            acc.add_(g)
+
+        recompute.factor_pass(
+            self.tape,
+            loss,
+            self.params,
+            self.owned,
+            lambda inputs: self._autograd(loss, inputs),
+            consume,
+        )
+        return {
+            pid: recompute.SumWork(p, {id(c): g for c, g in zip(vectors, got)})
+            for pid, (p, got) in sums.items()
+        }
+
     def _factors(self, grads: tuple[Tensor | None, ...], b: int) -> dict[int, ParamWork]:
         """Per-parameter factors of every record (a rule, or the vmap fallback)."""
         works: dict[int, ParamWork] = {}
@@ -884,53 +1021,9 @@ class Step:
         for u in self.tape:
             gs = list(grads[pos : pos + len(u.edges)])
             pos += len(u.edges)
-            # a tensor-parallel module's own output is a DTensor: its gradient's local shard
-            gs = [
-                None if gr is None else red.local(gr).reshape(s) for gr, s in zip(gs, u.out_shapes)
-            ]
-            if all(gr is None for gr in gs):
+            facs = self._use_factors(u, gs, b)
+            if facs is None:
                 continue
-            facs: dict[str, Factor]
-            if u.rule:
-                (go,) = gs
-                assert go is not None
-                rule = get_rule(u.module)
-                assert rule is not None
-                try:
-                    facs = rule(u.module, u.args, go)
-                except ValueError:
-                    raise  # a rule's own refusal names its cause
-                except Exception as e:
-                    raise ValueError(
-                        f"OPOB: the per-sample rule for module '{u.name}' "
-                        f"({type(u.module).__name__}) failed: {type(e).__name__}: {e}"
-                    ) from e
-            else:
-                self.tape.paused = True
-                try:
-                    facs = fallback_factors(
-                        u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
-                    )
-                except RuntimeError as e:
-                    if "random" in str(e):
-                        raise ValueError(
-                            f"OPOB: module '{u.name}' ({type(u.module).__name__}) draws random "
-                            "numbers in its forward (dropout in training mode). The exact vmap "
-                            "fallback replays the module once per sample and cannot reproduce the "
-                            "random mask the forward drew (torch.func's randomness='same' or "
-                            "'different' would draw new ones), so its per-sample gradients are "
-                            "undefined. Set its dropout to 0 (e.g. nn.TransformerEncoderLayer(..., "
-                            "dropout=0.0) or nn.MultiheadAttention(..., dropout=0.0)); dropout "
-                            "between modules (nn.Dropout) is fine. Nothing was changed."
-                        ) from e
-                    raise ValueError(
-                        f"OPOB: the exact torch.func (vmap) fallback failed for module '{u.name}' "
-                        f"({type(u.module).__name__}): {e}. Register a per-sample rule for this "
-                        "module type (vcpo_optim.opob.register_rule) or freeze its parameters; "
-                        "nothing was changed."
-                    ) from e
-                finally:
-                    self.tape.paused = False
             for pname, fac in facs.items():
                 p = u.module.get_parameter(pname)
                 w = works.get(id(p))
@@ -938,3 +1031,54 @@ class Step:
                     w = works[id(p)] = ParamWork(p, self.names.get(id(p), pname))
                 w.factors.append(fac)
         return works
+
+    def _use_factors(self, u: Any, grads: list[Tensor | None], b: int) -> dict[str, Factor] | None:
+        """The factors of one record from its output gradients (``None``: none reached the loss)."""
+        # a tensor-parallel module's own output is a DTensor: its gradient's local shard
+        gs = [
+            None if gr is None else red.local(gr).reshape(s) for gr, s in zip(grads, u.out_shapes)
+        ]
+        if all(gr is None for gr in gs):
+            return None
+        facs: dict[str, Factor]
+        if u.rule:
+            (go,) = gs
+            assert go is not None
+            rule = get_rule(u.module)
+            assert rule is not None
+            try:
+                facs = rule(u.module, u.args, go)
+            except ValueError:
+                raise  # a rule's own refusal names its cause
+            except Exception as e:
+                raise ValueError(
+                    f"OPOB: the per-sample rule for module '{u.name}' "
+                    f"({type(u.module).__name__}) failed: {type(e).__name__}: {e}"
+                ) from e
+        else:
+            paused, self.tape.paused = self.tape.paused, True
+            try:
+                facs = fallback_factors(
+                    u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
+                )
+            except RuntimeError as e:
+                if "random" in str(e):
+                    raise ValueError(
+                        f"OPOB: module '{u.name}' ({type(u.module).__name__}) draws random "
+                        "numbers in its forward (dropout in training mode). The exact vmap "
+                        "fallback replays the module once per sample and cannot reproduce the "
+                        "random mask the forward drew (torch.func's randomness='same' or "
+                        "'different' would draw new ones), so its per-sample gradients are "
+                        "undefined. Set its dropout to 0 (e.g. nn.TransformerEncoderLayer(..., "
+                        "dropout=0.0) or nn.MultiheadAttention(..., dropout=0.0)); dropout "
+                        "between modules (nn.Dropout) is fine. Nothing was changed."
+                    ) from e
+                raise ValueError(
+                    f"OPOB: the exact torch.func (vmap) fallback failed for module '{u.name}' "
+                    f"({type(u.module).__name__}): {e}. Register a per-sample rule for this "
+                    "module type (vcpo_optim.opob.register_rule) or freeze its parameters; "
+                    "nothing was changed."
+                ) from e
+            finally:
+                self.tape.paused = paused
+        return facs

@@ -29,20 +29,25 @@ so while one exists OPOB records from a global hook of its own kept first among
 them. Forward pre-hooks that change the inputs need nothing: forward hooks
 receive the inputs the forward actually ran on.
 
+Activation checkpointing (:mod:`vcpo_optim.opob.recompute`): a call inside a
+non-reentrant checkpoint region is recorded without its input (``deferred``),
+keyed by the region's frame and the call's ordinal among the hooked calls of
+the region (counted by the first forward pre-hook); while OPOB's norm pass
+recomputes the region, a forward pre-hook kept last among the module's
+pre-hooks (so that it sees the arguments the forward runs on) captures the
+input of the matching record (:meth:`Tape.begin_capture`).
+
 Extension points (not implemented yet):
 
 * packed batches (``cu_seqlens``): a record then holds ``[1, N, ...]`` tokens;
   the rule's per-token factors are summed per segment (the sample) before the
   engine, so :meth:`Tape.validate` checks the token count against
-  ``cu_seqlens[-1]`` instead of dimension 0 against ``B``;
-* activation-checkpoint recomputation: instead of holding the first forward's
-  inputs, a record of a checkpointed module can be completed while the
-  backward recomputes it (the hooks fire again while the tape is
-  :attr:`Tape.paused` today); the record then keeps only its edges.
+  ``cu_seqlens[-1]`` instead of dimension 0 against ``B``.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules import module as _module
 
+from . import recompute
 from .distributed import local
 
 __all__ = ["BATCHNORM_TYPES", "Tape", "Use"]
@@ -77,10 +83,25 @@ class Use:
     watched: list[tuple[Tensor, int]] = field(default_factory=list)
     recurse: bool = False  # a fallback unit: all parameters of the subtree
     versions: list[int] = field(default_factory=list)  # of the saved tensors, at record time
+    # inside a checkpoint region: the input is captured from the recomputation, not held
+    deferred: bool = False
+    captured: bool = False  # a deferred input arrived (norm pass)
+    frame: Any = None  # weakref to the region's torch.utils.checkpoint frame
+    ordinal: int = -1  # this call's place among the hooked calls of the region
 
 
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
+
+
+def _save_inputs(
+    is_rule: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What a record keeps of a call's arguments (a rule: every tensor; the fallback: all)."""
+    if is_rule:
+        # every tensor argument: positional ones first, then keyword ones in call order
+        return tuple(a.detach() for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), {}
+    return tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
 
 
 def _edge(out: Tensor) -> tuple[Any, list[tuple[Tensor, int]]]:
@@ -152,7 +173,9 @@ class Tape:
 
     :attr:`paused` stops recording (OPOB's own autograd pass and fallback
     replays run module forwards that must not be recorded); :attr:`attached`
-    is ``False`` once the owner detached.
+    is ``False`` once the owner detached. :attr:`defer` (set by the owner):
+    record calls inside checkpoint regions without their input;
+    :attr:`hold_reason`: why not, warned once when a region is seen anyway.
     """
 
     def __init__(self, description: str = "an OPOB") -> None:
@@ -166,6 +189,18 @@ class Tape:
         self._bn: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._first: dict[int, int] = {}  # id(module) -> id of OPOB's forward hook on it
         self._via_global: dict[int, bool] = {}  # id(module) -> the global hook records this call
+        self.defer = False
+        self.hold_reason = ""
+        self._warned = False
+        self.once = ""  # why this forward's records must be consumed by a single pass
+        self._warned_once = False
+        self._last: dict[int, int] = {}  # id(module) -> id of the capture pre-hook (kept last)
+        # first forward: id(module) -> stack of (region, ordinal, saved count) from the pre-hook
+        self._regions: dict[int, list[tuple[recompute.Region | None, int, int]]] = {}
+        self._ordinals: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._deferred: dict[tuple[int, int], Use] = {}  # (id(frame), ordinal) -> record
+        self._on_capture: Callable[[Use], None] | None = None
+        self._recomputed: dict[tuple[int, Any], int] = {}  # (id(frame), gid) -> calls seen
         _ATTACHED.add(self)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Tape:
@@ -189,6 +224,23 @@ class Tape:
     def clear(self) -> None:
         """Drop every record (and with it every activation the tape holds)."""
         self.uses.clear()
+        self._deferred.clear()
+        self._regions.clear()
+        self.once = ""
+
+    @property
+    def deferred(self) -> bool:
+        """Whether some record's input is to be captured from a checkpoint recomputation."""
+        return bool(self._deferred)
+
+    def begin_capture(self, on_capture: Callable[[Use], None]) -> None:
+        """Capture deferred inputs from the recomputations of the backward that follows."""
+        self._on_capture = on_capture
+        self._recomputed.clear()
+
+    def end_capture(self) -> None:
+        self._on_capture = None
+        self._recomputed.clear()
 
     def recording(self, module: nn.Module) -> bool:
         return self.attached and not self.paused and module.training and torch.is_grad_enabled()
@@ -250,6 +302,72 @@ class Tape:
         if via_global:
             _global_first()
         self._via_global[id(module)] = via_global
+        pre = module._forward_pre_hooks
+        cid = self._last.get(id(module))
+        if cid in pre and next(reversed(pre)) != cid:
+            pre.move_to_end(cid)  # the capture hook must see the arguments the forward runs on
+        if self.defer:
+            reg = recompute.region()
+            if reg is not None and reg.kind == "forward" and not reg.twice:
+                # recomputed once only (selective checkpointing) or not reproducibly: held,
+                # and the call must then be a single pass
+                if not self.once:
+                    self.once = (
+                        f"module '{self._specs[module].name}' runs in a checkpoint region with a "
+                        "context_fn (selective activation checkpointing) or preserve_rng_state="
+                        "False, which OPOB cannot recompute twice"
+                    )
+                    if not self._warned_once:
+                        self._warned_once = True
+                        warnings.warn(
+                            f"OPOB: {self.once}: the inputs of the modules of such regions are "
+                            "held until the backward (exact, but their activation memory is not "
+                            "saved under OPOB).",
+                            UserWarning,
+                            stacklevel=3,
+                        )
+            elif reg is not None and reg.kind == "forward":
+                k = self._ordinals.get(reg.frame, 0)
+                self._ordinals[reg.frame] = k + 1
+                stack = self._regions.setdefault(id(module), [])
+                stack.append((reg, k, recompute.saved_count(reg.frame)))
+                if cid is None:  # every call counted here is counted in the recomputation
+                    c = module.register_forward_pre_hook(self._capture, with_kwargs=True)
+                    self._last[id(module)] = c.id
+                    self.handles.append(c)
+        elif self.hold_reason and not self._warned and recompute.hooks_active():
+            self._warned = True
+            warnings.warn(self.hold_reason, UserWarning, stacklevel=3)
+
+    def _capture(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Forward pre-hook: the input of a deferred record, from the norm pass's recomputation."""
+        on_capture = self._on_capture
+        if (
+            on_capture is None
+            or module not in self._specs
+            or not module.training
+            or not torch.is_grad_enabled()
+        ):
+            return
+        reg = recompute.region()
+        if reg is None or reg.kind != "recompute":
+            return
+        key = (id(reg.frame), reg.gid)
+        k = self._recomputed.get(key, 0)
+        self._recomputed[key] = k + 1
+        u = self._deferred.get((id(reg.frame), k))
+        if u is None or u.frame() is not reg.frame or u.captured:
+            return
+        if u.module is not module:
+            raise ValueError(
+                f"OPOB: the activation-checkpoint recomputation called module "
+                f"'{self._specs[module].name}' where the forward called '{u.name}': the "
+                "checkpointed function ran different modules the second time (it must be "
+                "deterministic). Nothing was changed."
+            )
+        u.args, u.kwargs = _save_inputs(u.rule, args, kwargs)
+        u.captured = True
+        on_capture(u)
 
     def _post_module(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         self._post(module, args, kwargs, output, via_global=False)
@@ -274,6 +392,8 @@ class Tape:
         output: Any,
     ) -> None:
         name = spec.name
+        stack = self._regions.get(id(module))
+        entry = stack.pop() if stack else None
         outs = (
             [output]
             if isinstance(output, Tensor)
@@ -299,38 +419,51 @@ class Tape:
             saved_kwargs: dict[str, Any] = {}
             first_in = saved_args[0]
             batch = first_in.shape[0] if first_in.dim() > 0 else -1
-        elif spec.is_rule:
-            if not tensors:
-                raise ValueError(f"OPOB: module '{name}' was called without a tensor input")
-            # every tensor argument: positional ones first, then keyword ones in call order
-            saved_args = tuple(t.detach() for t in tensors)
-            saved_kwargs = {}
-            batch = tensors[0].shape[0] if tensors[0].dim() > 0 else -1
         else:
-            saved_args = tuple(_detach(a) for a in args)
-            saved_kwargs = {k: _detach(v) for k, v in kwargs.items()}
-            first = outs[index[0]]
-            batch = first.shape[0] if first.dim() > 0 else -1
+            saved_args, saved_kwargs = _save_inputs(spec.is_rule, args, kwargs)
+            if spec.is_rule:
+                if not tensors:
+                    raise ValueError(f"OPOB: module '{name}' was called without a tensor input")
+                batch = tensors[0].shape[0] if tensors[0].dim() > 0 else -1
+            else:
+                first = outs[index[0]]
+                batch = first.shape[0] if first.dim() > 0 else -1
+        # Inside a checkpoint region: a rule module that saved tensors for the backward is
+        # re-run by the recomputation (which stops after the last saved tensor), so its input
+        # is captured there instead of held.
+        defer = (
+            entry is not None
+            and custom is None  # what the module says it needs is not its forward's input
+            and spec.is_rule
+            and len(edges) == 1
+            and not hasattr(edges[0].node, "variable")
+            and recompute.saved_count(entry[0].frame) > entry[2]
+        )
+        if defer:
+            saved_args, saved_kwargs = (), {}
         versions = [
             t._version for t in (*saved_args, *saved_kwargs.values()) if isinstance(t, Tensor)
         ]
-        self.uses.append(
-            Use(
-                name,
-                module,
-                spec.is_rule,
-                saved_args,
-                saved_kwargs,
-                edges,
-                shapes,
-                index,
-                stops,
-                batch,
-                watched,
-                spec.recurse,
-                versions,
-            )
+        u = Use(
+            name,
+            module,
+            spec.is_rule,
+            saved_args,
+            saved_kwargs,
+            edges,
+            shapes,
+            index,
+            stops,
+            batch,
+            watched,
+            spec.recurse,
+            versions,
         )
+        if defer:
+            assert entry is not None
+            u.deferred, u.frame, u.ordinal = True, weakref.ref(entry[0].frame), entry[1]
+            self._deferred[(id(entry[0].frame), entry[1])] = u
+        self.uses.append(u)
 
     # ------------------------------------------------------------------ checks
 
@@ -414,6 +547,8 @@ class Tape:
                 continue
             seen.add(id(node))
             keep.append(node)
+            if recompute.is_reentrant_node(node):
+                raise ValueError(recompute.REENTRANT)
             for nxt, _ in node.next_functions:
                 if nxt is None:
                     continue
