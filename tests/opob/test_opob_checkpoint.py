@@ -15,7 +15,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from opob_oracle import TinyLM, lm_batch, lm_loss, oracle, rel_err
+from opob_oracle import (
+    TinyLM,
+    bound_between,
+    clipped_contributions,
+    direct_noise,
+    flat_grad,
+    lm_batch,
+    lm_loss,
+    oracle,
+    per_sample_grads,
+    ref_coefficients,
+    rel_err,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -207,6 +219,31 @@ def test_batch_scope_accumulation_over_checkpointed_calls():
     for n, p in model.named_parameters():
         assert rel_err(p.grad, ref_g[n]) < 1e-9, n
     opob.detach()
+
+
+def test_clipping_and_noise_scale_under_checkpointing():
+    """The coefficient stage (issue 11) sees the same norms; pass 2 writes the clipped sum."""
+    model = _lm()
+    ids, mask = lm_batch(b=8, seed=7)
+    fn = lm_loss(ids, mask)
+    g = per_sample_grads(model, fn)
+    n = (g * g).sum(1)
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    r = torch.tensor([1.0, 0.0, 0.5, -1.0, 2.0, 0.3, -0.7, 0.1], dtype=DT)
+    coef = torch.tensor(ref_coefficients(n.tolist(), r.tolist(), groups)[1], dtype=DT)
+    c = bound_between(coef.abs() * n.sqrt(), 4)  # half of the samples clipped
+    x, f = clipped_contributions(g, coef, c)
+    model.zero_grad(set_to_none=True)
+    with OPOB(model, max_sample_grad_norm=c) as opob:
+        loss = fn(model)
+        assert opob._tape.deferred
+        res = opob.backward(loss, r, torch.tensor(groups))
+    assert rel_err(flat_grad(model), x.sum(0)) < 1e-9
+    torch.testing.assert_close(res.clip_factors, f, rtol=1e-9, atol=0)
+    scale, trace, grad_sq = direct_noise(x)
+    torch.testing.assert_close(res.noise_scale, scale, rtol=1e-7, atol=0)
+    torch.testing.assert_close(res.noise_trace, trace, rtol=1e-8, atol=0)
+    torch.testing.assert_close(res.noise_grad_sq, grad_sq, rtol=1e-8, atol=0)
 
 
 class Edge(nn.Module):
