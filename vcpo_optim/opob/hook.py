@@ -136,17 +136,20 @@ class OPOB:
             ``model.gradient_checkpointing_enable()`` in ``transformers``).
             ``"auto"`` (default): modules called inside a checkpoint region are
             recorded without their input, which is captured while the backward
-            recomputes the region; a call with such modules then runs two
-            passes (norms while recomputing, then ``sum_i c_i grad l_i`` by one
-            more backward of the per-sample loss weighted by ``c``; two for
-            ``scope="batch"``), so its memory stays that of plain checkpointed
-            training at the cost of one more backward and recomputation.
-            Where this torch's checkpoint internals are not recognised (checked
-            once per process), and under FSDP2 or tensor parallelism, the inputs
-            are held instead (exact; a warning says the memory is not saved).
-            ``False``: always hold the inputs (one pass, faster, no memory
-            saving). ``True``: like ``"auto"``, but a ``ValueError`` where the
-            inputs would be held.
+            recomputes the region; a call with such modules runs two passes
+            (the norms while recomputing, then, once the coefficients are known,
+            the same backward again writing ``sum_i c_i grad l_i`` from the
+            factors), so its peak memory stays near that of plain checkpointed
+            training, at the cost of one more backward and recomputation.
+            Exact like the single pass. Regions that cannot be recomputed twice
+            identically (a ``context_fn`` such as selective activation
+            checkpointing, or ``preserve_rng_state=False``) are held (one pass;
+            a warning). Where this torch's checkpoint internals are not
+            recognised (checked once per process), and under FSDP2 or tensor
+            parallelism, the inputs are held too (exact; a warning says the
+            memory is not saved). ``False``: always hold the inputs (one pass,
+            faster, no memory saving). ``True``: like ``"auto"``, but a
+            ``ValueError`` at construction where the inputs would be held.
 
     Per-trajectory clipping (``max_sample_grad_norm``) is Opacus-style
     clipping of the summands actually written: each ``x_i = c_i grad l_i``

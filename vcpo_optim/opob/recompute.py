@@ -35,7 +35,16 @@ to free. Instead:
 
 Cost: one more backward and one more recomputation than the single pass;
 memory: that of plain checkpointed training plus the factors of the layer in
-flight (and those of multiply-used parameters).
+flight (and those of multiply-used parameters), plus what the retained graph
+holds between the two passes outside the regions (the saved tensors of the
+loss head, e.g. a ``[B, T, V]`` log-softmax, which plain training frees once
+the backward has passed it).
+
+Regions that cannot be recomputed twice identically (:attr:`Region.twice`: a
+``context_fn`` such as selective activation checkpointing, whose saved outputs
+serve one backward only, or ``preserve_rng_state=False``) are held, and a
+forward with such regions is consumed by the single pass (mixing them with
+deferred ones is refused).
 
 Detection reads ``torch.utils.checkpoint``'s saved-tensor hooks (the
 ``_checkpoint_hook`` / ``_recomputation_hook`` pack functions and their
