@@ -208,7 +208,7 @@ def _probe() -> bool:
             return (t * t).sum()
 
         with torch.inference_mode(False), torch.enable_grad():
-            x = torch.ones(2, requires_grad=True)
+            x = torch.ones(2, dtype=torch.float32, device="cpu", requires_grad=True)
             y = checkpoint(fn, x, use_reentrant=False)
             after = [] if not seen or seen[0][0] is None else [saved_count(seen[0][0].frame)]
             (g,) = torch.autograd.grad(y, x)
