@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opob_oracle import (
+    Block,
     TinyLM,
     bound_between,
     clipped_contributions,
@@ -244,6 +245,51 @@ def test_clipping_and_noise_scale_under_checkpointing():
     torch.testing.assert_close(res.noise_scale, scale, rtol=1e-7, atol=0)
     torch.testing.assert_close(res.noise_trace, trace, rtol=1e-8, atol=0)
     torch.testing.assert_close(res.noise_grad_sq, grad_sq, rtol=1e-8, atol=0)
+
+
+class LeanCk(nn.Module):
+    """Checkpointed blocks under the lean LM head, tied to the embedding (a Softmax factor)."""
+
+    def __init__(self, vocab: int = 61, d: int = 12, layers: int = 2) -> None:
+        super().__init__()
+        from vcpo_optim.lm_head import TokenLogProbs
+
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d, 2, nn.LayerNorm) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = TokenLogProbs(self.tok.weight, None, vocab_chunk=16, chunk_size=96)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = torch.ones(ids.shape, dtype=torch.bool)
+        h = self.tok(ids)
+        for blk in self.blocks:
+            h = checkpoint(blk, h, pad, use_reentrant=False)
+        return -self.head(self.norm(h)[:, :-1], ids[:, 1:]).sum(1)
+
+
+def test_lean_lm_head_over_checkpointed_blocks():
+    torch.manual_seed(0)
+    model = LeanCk().to(DT)
+    ids, _ = lm_batch(b=5, t=9, vocab=61)
+    r = torch.randn(5, dtype=DT)
+    _check(model, lambda m: m(ids), r, torch.tensor([0, 0, 1, 1, 1]), [0, 0, 1, 1, 1])
+
+
+def test_bf16_autocast_two_passes_equal_the_single_pass():
+    """The recomputation replays the forward's autocast; OPOB's own math runs without it."""
+    ids, mask = lm_batch(b=6, seed=8)
+    r = torch.randn(6)
+    grads, norms = [], []
+    for mode in ("auto", False):
+        model = _lm().float()
+        with OPOB(model, checkpointing=mode) as opob:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = lm_loss(ids, mask)(model)
+            assert opob._tape.deferred == (mode == "auto")
+            norms.append(opob.backward(loss, r).sq_norms)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert rel_err(norms[0], norms[1]) < 1e-5
+    assert rel_err(grads[0], grads[1]) < 1e-5
 
 
 class Edge(nn.Module):
