@@ -337,6 +337,50 @@ def test_lowest_module_nested_region_and_a_module_that_saves_nothing():
     _check(model, fn, r, torch.tensor([0, 0, 1, 1, 1]), [0, 0, 1, 1, 1])
 
 
+class Flaky(nn.Module):
+    """A checkpointed function that runs another module when recomputed (it must not).
+
+    ``swap``: both modules run in the forward, in the other order when recomputed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.calls = 0
+        self.swap = False
+        self.fixed = False  # always a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def region(t: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            odd = self.fixed or self.calls % 2
+            first, second = (self.a, self.b) if odd else (self.b, self.a)
+            if self.swap:
+                return torch.tanh(second(torch.tanh(first(t))))
+            return torch.tanh(first(t))
+
+        return checkpoint(region, x, use_reentrant=False)
+
+
+def test_a_recomputation_that_runs_other_modules_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    model = Flaky()
+    x = torch.randn(3, 4)
+    opob = OPOB(model)
+    with pytest.raises(ValueError, match="must run the same modules when recomputed"):
+        opob.backward(model(x).sum(1), torch.randn(3))
+    assert all(p.grad is None for p in model.parameters()) and opob.num_recorded == 0
+    model.swap, model.calls = True, 0  # a and b in the forward, b and a when recomputed
+    with pytest.raises(ValueError, match="ran different modules the second time"):
+        opob.backward(model(x).sum(1), torch.randn(3))
+    assert all(p.grad is None for p in model.parameters()) and opob.num_recorded == 0
+    model.swap, model.fixed = False, True  # deterministic again: the same OPOB works
+    opob.backward(model(x).sum(1), torch.randn(3))
+    assert model.a.weight.grad is not None and model.b.weight.grad is None
+    opob.detach()
+
+
 def test_checkpointing_false_holds_inputs_and_is_exact():
     model = _lm()
     ids, mask = lm_batch(b=4, seed=4)

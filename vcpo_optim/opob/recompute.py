@@ -409,8 +409,9 @@ def factor_pass(
         raise ValueError(
             f"OPOB: the activation-checkpoint recomputation did not re-run module '{u.name}' "
             f"({type(u.module).__name__}) while its output gradient was formed, so its input "
-            "(not held, to save memory) is unknown. Pass OPOB(..., checkpointing=False) to hold "
-            "the inputs of checkpointed modules instead. Nothing was changed."
+            "(not held, to save memory) is unknown. The checkpointed function must run the same "
+            "modules when recomputed; otherwise pass OPOB(..., checkpointing=False) to hold the "
+            "inputs of checkpointed modules. Nothing was changed."
         )
 
 
