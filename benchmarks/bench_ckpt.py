@@ -75,6 +75,33 @@ def build(args: argparse.Namespace, dev: torch.device) -> nn.Module:
     return transformers.Qwen2ForCausalLM(cfg).to(dev).train()
 
 
+def rmsnorm_rule() -> str:
+    """The Qwen2RMSNorm rule: the library's, or (before the transformers rules) a minimal one.
+
+    ``Qwen2RMSNorm``: ``y = w * (x / sqrt(mean(x^2) + eps))`` (in float32, cast back), so
+    per sample ``grad_w_i = sum_t g[i, t] * x_hat[i, t]``: a ``Dense`` factor. Registered
+    only if no rule covers the class, and named in the results.
+    """
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from vcpo_optim.opob.rules import Dense, get_rule, register_rule
+
+    probe = Qwen2RMSNorm(4)
+    if get_rule(probe) is not None:
+        return "built-in"
+
+    @register_rule(Qwen2RMSNorm)
+    def qwen2_rms_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Any:
+        x = inputs[0].float()
+        xh = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(
+            inputs[0].dtype
+        )
+        b, d = x.shape[0], x.shape[-1]
+        return {"weight": Dense((grad_output.float() * xh.float()).reshape(b, -1, d).sum(1))}
+
+    return "benchmark's own (no built-in rule for Qwen2RMSNorm in this checkout)"
+
+
 def per_sample_loss(model: nn.Module, ids: Tensor, w: Tensor) -> Tensor:
     logits = model(input_ids=ids).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -99,6 +126,7 @@ def main() -> None:
     dev = torch.device(args.device)
 
     base = build(args, dev)
+    norm_rule = rmsnorm_rule()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.B, args.T), generator=g).to(dev)
     w = (0.5 + torch.rand(args.B, generator=g)).to(dev)
@@ -187,6 +215,7 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "params_M": sum(p.numel() for p in base.parameters()) / 1e6,
+        "rmsnorm_rule": norm_rule,
     }
     print(json.dumps(res, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -208,7 +237,7 @@ def render(meta: dict[str, Any], res: dict[str, Any]) -> str:
         f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}, "
         f"median of {meta['reps']} interleaved repeats. Peak memory: MB allocated by torch during "
         "forward + backward above the parameters (profiler allocation timeline on CPU). "
-        f"Command: `{meta['command']}`.",
+        f"Command: `{meta['command']}`. Qwen2RMSNorm rule: {meta['rmsnorm_rule']}.",
         "",
         "| | no checkpointing | with checkpointing |",
         "|---|---|---|",
