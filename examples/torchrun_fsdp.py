@@ -147,6 +147,7 @@ def main() -> None:
     checksum = sum(float(v.double().sum()) for v in full_state(policy).values())
     if rank == 0:
         print(f"final parameter checksum {checksum:.12e}", flush=True)
+    dist.barrier()  # both ranks are done with every collective before the group goes away
     dist.destroy_process_group()
 
 
