@@ -211,7 +211,7 @@ ARMS: dict[str, Arm] = {
             opob=True,
             sample_clip=True,
             lags=LARGE_LAGS,
-            color="darkgreen",
+            color="teal",
         ),
     )
 }

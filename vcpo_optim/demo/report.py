@@ -200,7 +200,7 @@ def results_markdown(res: Results, summary: list[dict[str, Any]], figure: str | 
     lines += [
         "",
         "Collapsed = seeds whose final accuracy is below half of their base accuracy (or "
-        "whose importance weights overflowed the float32 loss). "
+        "whose weights `vcpo_optim.losses` refused as out of the float32 range: a diverged run). "
         "Mean ESS/B = ESS ratio of the raw (untruncated) sequence weights averaged over "
         "steps (1 at k=0; after a collapse the policy is nearly deterministic and the ratio "
         "drifts back up, so read it with the accuracy). ESS/B used = the same for the "
