@@ -19,6 +19,7 @@ from vcpo_optim import effective_sample_size
 from vcpo_optim import losses as L
 from vcpo_optim.demo import build_config, main, parse_args
 from vcpo_optim.demo.arms import ARMS, LARGE_LAGS, SAMPLE_CLIP_C, Arm, parse_arms
+from vcpo_optim.demo.calibrate import contribution_norms
 from vcpo_optim.demo.experiment import Results, plan
 from vcpo_optim.demo.pipeline import (
     Config,
@@ -501,6 +502,26 @@ def test_cli_parsing_and_errors(tmp_path: Path) -> None:
     assert main([*TINY_ARGS, "--lags", "0", "--arms", "tis", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         parse_args(["--lags", "a,b"])
+    assert build_config(parse_args(["--max-sample-grad-norm", "0.5"])).max_sample_grad_norm == 0.5
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            build_config(parse_args(["--max-sample-grad-norm", bad]))
+
+
+def test_calibration_measures_the_contributions_clipping_bounds() -> None:
+    """calibrate: the nonzero |c_i| |grad l_i| of sync-vcpo, as the float64 oracle has them."""
+    cfg = dataclasses.replace(TINY, seeds=(0,), steps=3)
+    sizes = contribution_norms(cfg)
+    base, _ = warmup(cfg, 0)
+    seen: list[dict[str, Any]] = []
+    run_arm(cfg, ARMS["sync-vcpo"], 0, 0, base, on_step=seen.append)
+    ref = []
+    for s in seen:
+        s["rewards"] = cfg.make_task().reward(s["prompts"], s["responses"])
+        c, n, _ = _oracle_contributions(cfg, s)
+        ref.append((c.abs() * n.sqrt())[c != 0])
+    torch.testing.assert_close(sizes, torch.cat(ref), rtol=1e-4, atol=1e-9)
+    assert sizes.numel() > 0
 
 
 def no_demo_extra_env(tmp_path: Path) -> dict[str, str]:
