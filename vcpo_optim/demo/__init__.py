@@ -9,7 +9,8 @@ Modules: :mod:`~vcpo_optim.demo.task` (the verifiable task),
 :mod:`~vcpo_optim.demo.policy` (the tiny autoregressive policy),
 :mod:`~vcpo_optim.demo.pipeline` (the simulated lagged sampler and the learner),
 :mod:`~vcpo_optim.demo.arms`, :mod:`~vcpo_optim.demo.experiment`,
-:mod:`~vcpo_optim.demo.report`, :mod:`~vcpo_optim.demo.plot`.
+:mod:`~vcpo_optim.demo.report`, :mod:`~vcpo_optim.demo.plot`;
+:mod:`~vcpo_optim.demo.calibrate` derives the per-trajectory clip ``C`` of ``vcpo-clip``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -50,7 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="vcpo-demo",
         description=(
             "Simulated PipelineRL-style asynchronous RL on a tiny policy: sync vs async "
-            "(no IS, TIS, VCPO and its ablations; ESS-targeted TIS, IcePop, M2PO) at several "
+            "(no IS, TIS, VCPO and its ablations; ESS-targeted TIS, IcePop, M2PO, per-trajectory "
+            "clipping) at several "
             "policy lags k."
         ),
     )
@@ -60,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--lags",
         type=_ints,
         help="comma-separated lags k, every arm at each (default 0,8,32,128, with "
-        "tis-rho,icepop,m2po,vcpo-rho at 32,128 only)",
+        "tis-rho,icepop,m2po,vcpo-rho,vcpo-clip at 32,128 only)",
     )
     p.add_argument(
         "--all-lags", action="store_true", help="run every arm at every lag (the full sweep)"
@@ -71,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--arms",
         type=str,
         help="comma-separated arms, or 'all' (default: all of them, sync,sync-vcpo,"
-        "no-is,is,tis,ess,opob,vcpo,tis-rho,icepop,m2po,vcpo-rho)",
+        "no-is,is,tis,ess,opob,vcpo,tis-rho,icepop,m2po,vcpo-rho,vcpo-clip)",
     )
     p.add_argument("--lr", type=float, help="learning rate of every arm (default 1e-3)")
     p.add_argument("--prompts", type=int, help="prompts per step (default 16)")
@@ -82,6 +85,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="held-out evaluation period (default 10)")
     p.add_argument("--grad-clip", type=float, help="max grad norm, <= 0 disables (default 1)")
     p.add_argument("--tis-c", type=float, help="TIS threshold (default 8)")
+    p.add_argument(
+        "--max-sample-grad-norm",
+        type=float,
+        help="per-trajectory clip C of vcpo-clip (default 0.027, see vcpo_optim.demo.calibrate)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument(
         "--jobs",
@@ -127,6 +135,7 @@ def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --he
         "eval_every": "eval_every",
         "grad_clip": "grad_clip",
         "tis_c": "tis_c",
+        "max_sample_grad_norm": "max_sample_grad_norm",
     }
     for arg, key in mapping.items():
         v = getattr(args, arg)
@@ -141,6 +150,8 @@ def build_config(args: argparse.Namespace):  # -> Config (lazy import keeps --he
         raise SystemExit("vcpo-demo: need steps >= 1, prompts >= 1, group >= 2, eval-every >= 1")
     if any(k < 0 for k in cfg.lags):
         raise SystemExit("vcpo-demo: lags must be >= 0")
+    if not (math.isfinite(cfg.max_sample_grad_norm) and cfg.max_sample_grad_norm > 0):
+        raise SystemExit("vcpo-demo: --max-sample-grad-norm must be a finite number > 0")
     return cfg
 
 

@@ -21,6 +21,7 @@ arm           loss weights                                ESS step scale  baseli
 ``icepop``    token ``r_it`` if ``0.5 <= r_it <= 5`` else 0  no           GRPO mean/std
 ``m2po``      token ``r_it``, 0 on the M2PO mask          no              GRPO mean/std
 ``vcpo-rho``  ``min(w_i, c_rho)``, ESS-targeted cap       yes             OPOB (group, /std)
+``vcpo-clip`` ``min(w_i, 8)``                             yes             OPOB, clip ``C``
 ============  ==========================================  ==============  ==================
 
 ``vcpo`` follows the reference configuration (mit-han-lab/vcpo,
@@ -52,14 +53,21 @@ The corrections of issue 11 run as the field uses them, standalone on top of GRP
 * ``vcpo-rho``: ``vcpo`` with the ESS-targeted cap in place of ``c = 8`` (the
   combination the ESS-targeted cap was designed for: one number, the ESS one
   trusts, for every lag).
+* ``vcpo-clip``: ``vcpo`` with OPOB's per-trajectory gradient clipping (issue
+  11.4, ``OPOB(..., max_sample_grad_norm=C)``): each trajectory's contribution
+  ``f_i c_i grad l_i`` to the gradient has norm at most ``C``, with
+  ``f_i = min(1, C / (|c_i| ||grad l_i||))`` after the baseline. ``C`` =
+  :data:`SAMPLE_CLIP_C` = 0.027, the 90th percentile of the nonzero on-policy
+  contributions ``|c_i| ||grad l_i||`` of ``sync-vcpo`` (all steps, all seeds,
+  :mod:`vcpo_optim.demo.calibrate`): on-policy it would touch the largest tenth;
+  off-policy it bounds any one stale trajectory to what a large on-policy one
+  contributes. Chosen once, not tuned. (For scale: the batch clip 1 over
+  ``B = 128`` is 0.0078, about the median contribution, and ``1 / sqrt(B)`` = 0.088 lies
+  above the 99th percentile.)
 
 They run at the large lags only in the default sweep (``Arm.lags``; ``--all-lags``
 or an explicit ``--lags`` runs every arm at every lag). Adding an arm is one line
-in :data:`ARMS`; e.g. VCPO with OPOB's per-trajectory gradient clipping (issue
-11.4), once ``OPOB(..., max_sample_grad_norm=C)`` exists::
-
-    Arm("vcpo-clip", "Async, VCPO + per-trajectory clip", "tis", ess_scaling=True,
-        opob=True, max_sample_grad_norm=C, lags=LARGE_LAGS, color="darkgreen"),
+in :data:`ARMS`.
 """
 
 from __future__ import annotations
@@ -69,6 +77,12 @@ from typing import Any
 
 #: The lags at which the default sweep runs the issue-11 corrections.
 LARGE_LAGS: tuple[int, ...] = (32, 128)
+
+#: Per-trajectory clip ``C`` of ``vcpo-clip`` (``Config.max_sample_grad_norm``): the 90th
+#: percentile of the nonzero on-policy contributions ``|c_i| ||grad l_i||`` of the
+#: synchronous VCPO arm with the default configuration (:mod:`vcpo_optim.demo.calibrate`),
+#: two significant digits; computed once, not tuned.
+SAMPLE_CLIP_C: float = 0.027
 
 TOKEN_CORRECTIONS: tuple[str, ...] = ("icepop", "m2po")
 
@@ -92,8 +106,9 @@ class Arm:
         token_correction: ``None``, ``"icepop"`` or ``"m2po"``: token weights
             ``r_it`` on the tokens the rule keeps, 0 on the others (sequence
             weights then come from ``is_mode``, ``"none"`` for these arms).
-        max_sample_grad_norm: OPOB per-trajectory gradient clipping ``C``, passed to
-            ``OPOB(..., max_sample_grad_norm=C)`` when set (needs ``opob``).
+        sample_clip: OPOB's per-trajectory gradient clipping,
+            ``OPOB(..., max_sample_grad_norm=Config.max_sample_grad_norm)`` (needs
+            ``opob``).
         lags: the lags at which the default sweep runs this arm (``None``: all).
         color: plot colour (``None``: matplotlib's next colour).
     """
@@ -106,7 +121,7 @@ class Arm:
     sync: bool = False
     ess_cap: bool = False
     token_correction: str | None = None
-    max_sample_grad_norm: float | None = None
+    sample_clip: bool = False
     lags: tuple[int, ...] | None = None
     color: str | None = None
 
@@ -115,14 +130,17 @@ class Arm:
             raise ValueError(f"arm {self.name}: ess_cap needs is_mode='tis'")
         if self.token_correction not in (None, *TOKEN_CORRECTIONS):
             raise ValueError(f"arm {self.name}: unknown token correction {self.token_correction}")
-        if self.max_sample_grad_norm is not None and not self.opob:
-            raise ValueError(f"arm {self.name}: max_sample_grad_norm is an OPOB option")
+        if self.sample_clip and not self.opob:
+            raise ValueError(
+                f"arm {self.name}: sample_clip (max_sample_grad_norm) is an OPOB option"
+            )
 
-    def opob_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``OPOB(model, scope="group", norm_by_std=True, **...)``."""
-        if self.max_sample_grad_norm is None:
+    def opob_kwargs(self, cfg: Any) -> dict[str, Any]:
+        """Keyword arguments for ``OPOB(model, scope="group", norm_by_std=True, **...)``
+        under ``cfg`` (a :class:`~vcpo_optim.demo.pipeline.Config`)."""
+        if not self.sample_clip:
             return {}
-        return {"max_sample_grad_norm": self.max_sample_grad_norm}
+        return {"max_sample_grad_norm": cfg.max_sample_grad_norm}
 
 
 ARMS: dict[str, Arm] = {
@@ -184,6 +202,16 @@ ARMS: dict[str, Arm] = {
             ess_cap=True,
             lags=LARGE_LAGS,
             color="navy",
+        ),
+        Arm(
+            "vcpo-clip",
+            f"Async, VCPO + per-trajectory clip (C={SAMPLE_CLIP_C:g})",
+            "tis",
+            ess_scaling=True,
+            opob=True,
+            sample_clip=True,
+            lags=LARGE_LAGS,
+            color="teal",
         ),
     )
 }

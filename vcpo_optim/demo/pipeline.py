@@ -17,16 +17,17 @@ import copy
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from vcpo_optim import OPOB, VCPOAdamW, effective_sample_size
+from vcpo_optim import OPOB, OPOBResult, VCPOAdamW, effective_sample_size
 from vcpo_optim import losses as L
-from vcpo_optim.demo.arms import DEFAULT_ARMS, Arm
+from vcpo_optim.demo.arms import DEFAULT_ARMS, SAMPLE_CLIP_C, Arm
 from vcpo_optim.demo.policy import MLPPolicy
 from vcpo_optim.demo.task import Task
 from vcpo_optim.diagnostics import offpolicy_stats
@@ -52,6 +53,9 @@ class Config:
             the max total gradient norm (``<= 0`` disables clipping).
         tis_c: TIS threshold. agg: loss aggregation mode.
         ess_target: target ESS ratio rho of the ESS-targeted cap (arms with ``ess_cap``).
+        max_sample_grad_norm: OPOB's per-trajectory clip ``C`` (arms with
+            ``sample_clip``): each trajectory's contribution ``|c_i| ||grad l_i||``
+            to the gradient is bounded by ``C`` (see :data:`SAMPLE_CLIP_C`).
         icepop_band: IcePop's ratio band ``(low, high)``. m2po_tau: M2PO's threshold.
         eval_every, eval_prompts: held-out accuracy schedule and set size.
     Sweep:
@@ -80,6 +84,7 @@ class Config:
     tis_c: float = 8.0
     agg: str = "seq-mean-token-mean"
     ess_target: float = 0.5
+    max_sample_grad_norm: float = SAMPLE_CLIP_C
     icepop_band: tuple[float, float] = (0.5, 5.0)
     m2po_tau: float = 0.04
     eval_every: int = 10
@@ -149,7 +154,37 @@ class Correction(NamedTuple):
 
 
 class Diverged(Exception):
-    """The arm's weights overflow: its run has diverged (raw IS, or an uncapped ESS target)."""
+    """The arm's run has diverged: :mod:`vcpo_optim.losses` refused its weights.
+
+    Raised (by :func:`out_of_range_diverges`) when the importance weights or the
+    loss coefficients built from them are out of the range of their dtype: an
+    overflow (raw IS ``exp(lw)``, an ESS target met without a cap, unbounded token
+    ratios), or every weight below the smallest normal number (the loss and its
+    gradient would be flushed to 0). The run stops there; the report counts it as
+    collapsed.
+    """
+
+
+#: Words that mark :mod:`vcpo_optim.losses`' refusals of values its dtype cannot hold
+#: (``"... overflow(s) float32 ..."``, ``"... underflow ..."``, ``"every nonzero ...
+#: below the smallest normal ... number"``); tested against the real refusals.
+RANGE_REFUSALS: tuple[str, ...] = ("overflow", "underflow", "smallest normal")
+
+
+@contextmanager
+def out_of_range_diverges() -> Iterator[None]:
+    """Turn a :mod:`vcpo_optim.losses` refusal of out-of-range weights into :class:`Diverged`.
+
+    Wraps only the calls that turn the arm's weights into a loss
+    (``importance_weights``, ``per_sample_pg_loss``). Any other ``ValueError`` (a
+    shape, a NaN log-prob) is a bug, not a divergence, and propagates unchanged.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if any(word in str(exc) for word in RANGE_REFUSALS):
+            raise Diverged(str(exc)) from exc
+        raise
 
 
 def correction(
@@ -164,8 +199,9 @@ def correction(
     """The weights ``arm`` puts in the loss for one batch (see :mod:`vcpo_optim.demo.arms`).
 
     ``advantages`` (GRPO, one per trajectory) select M2PO's trust-region tokens.
-    Raises :class:`Diverged` if the weights overflow the policy's dtype (the loss
-    is computed in it): raw IS weights, or an ESS target met without any cap.
+    Raises :class:`Diverged` if ``importance_weights`` refuses the weights (beyond
+    float64: the log weights are float64); :func:`policy_loss` checks them against
+    the loss's dtype.
     """
     keep = token_weights = None
     if arm.token_correction is not None:
@@ -175,24 +211,76 @@ def correction(
             keep = L.m2po_mask(logp, logp_old, mask, cfg.m2po_tau, advantages=advantages)
         x = L.token_log_ratios(logp, logp_old, mask)
         token_weights = torch.where(keep, x.exp(), torch.zeros_like(x))
-    try:
+    with out_of_range_diverges():
         if arm.ess_cap:
             log_cap = float(L.ess_truncation_cap(lw, cfg.ess_target))
             weights = L.importance_weights(lw, "tis", ess_target=cfg.ess_target)
         else:
             log_cap = math.log(cfg.tis_c) if arm.is_mode == "tis" else math.inf
             weights = L.importance_weights(lw, arm.is_mode, cfg.tis_c)  # type: ignore[arg-type]
-    except ValueError as exc:  # overflow of float64 weights
-        if arm.is_mode == "is" or arm.ess_cap:
-            raise Diverged(str(exc)) from exc
-        raise
-    for name, w in (("sequence", weights), ("token", token_weights)):
-        if w is not None and not bool(torch.isfinite(w.to(logp.dtype)).all()):
-            raise Diverged(f"{name} importance weights overflow {logp.dtype} (the loss's dtype)")
     return Correction(weights, token_weights, log_cap, keep)
 
 
+def policy_loss(
+    cfg: Config, arm: Arm, logp: Tensor, mask: Tensor, advantages: Tensor, corr: Correction
+) -> Tensor:
+    """The ``[B]`` per-trajectory loss of ``arm``: ``per_sample_pg_loss`` with its weights.
+
+    GRPO arms put the advantages in the loss; OPOB arms leave them out (OPOB
+    multiplies each ``grad l_i`` by ``R_i - b``). Raises :class:`Diverged` if the
+    loss's dtype cannot hold the weighted coefficients (see :class:`Diverged`).
+    """
+    with out_of_range_diverges():
+        return L.per_sample_pg_loss(
+            logp,
+            mask,
+            None if arm.opob else advantages,
+            corr.weights,
+            cfg.agg,  # type: ignore[arg-type]
+            token_weights=corr.token_weights,
+        )
+
+
 StepCallback = Callable[[dict[str, Any]], None]
+
+#: The OPOB fields of every step row (``None`` for the arms without OPOB).
+OPOB_FIELDS: tuple[str, ...] = (
+    "opob/noise_trace",
+    "opob/noise_grad_sq",
+    "opob/noise_scale",
+    "opob/num_clipped",
+    "opob/frac_clipped",
+)
+
+
+def _finite_or_none(x: Tensor | None) -> float | None:
+    if x is None:
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def opob_metrics(res: OPOBResult | None, batch: int) -> dict[str, Any]:
+    """The :data:`OPOB_FIELDS` of one step from its :class:`~vcpo_optim.OPOBResult`.
+
+    ``opob/noise_trace``, ``opob/noise_grad_sq``, ``opob/noise_scale``: OPOB's
+    unbiased estimates of ``tr(Sigma)`` and ``|G|^2`` of the per-trajectory
+    contributions and their ratio ``B_simple`` (``None`` where undefined: 0/0
+    when every coefficient is 0, i.e. every prompt group has equal rewards);
+    ``opob/num_clipped`` and ``opob/frac_clipped`` (of the ``batch``
+    trajectories): how many contributions per-trajectory clipping scaled down
+    (``None`` without clipping). All ``None`` without OPOB.
+    """
+    if res is None:
+        return dict.fromkeys(OPOB_FIELDS)
+    clipped = None if res.num_clipped is None else int(res.num_clipped)
+    return {
+        "opob/noise_trace": _finite_or_none(res.noise_trace),
+        "opob/noise_grad_sq": _finite_or_none(res.noise_grad_sq),
+        "opob/noise_scale": _finite_or_none(res.noise_scale),
+        "opob/num_clipped": clipped,
+        "opob/frac_clipped": None if clipped is None else clipped / batch,
+    }
 
 
 def run_arm(
@@ -203,6 +291,7 @@ def run_arm(
     base_state: dict[str, Tensor],
     *,
     on_step: StepCallback | None = None,
+    on_backward: StepCallback | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one arm at one lag from the base policy; return per-step metric rows.
@@ -216,16 +305,21 @@ def run_arm(
     ``frac_capped`` (fraction of trajectories above the cap, ``None`` if uncapped),
     ``token_masked_frac`` (IcePop/M2PO: fraction of response tokens with weight 0,
     else ``None``); every field of :func:`vcpo_optim.diagnostics.offpolicy_stats`
-    of the batch (``tis_cap=cfg.tis_c``) under ``offpolicy/<field>``; ``accuracy``
+    of the batch (``tis_cap=cfg.tis_c``) under ``offpolicy/<field>``; OPOB's noise
+    scale and per-trajectory clip count under ``opob/<field>`` (see
+    :func:`opob_metrics`; ``None`` for the arms without OPOB); ``accuracy``
     (held-out, every ``eval_every`` steps and at the end, else None) and
-    ``elapsed_s``. If the weights overflow (see :func:`correction`), a last row
-    with a ``diverged`` message and the accuracy at that point ends the run. Row
+    ``elapsed_s``. If :mod:`vcpo_optim.losses` refuses the weights as out of range
+    of their dtype (see :class:`Diverged`), a last row with a ``diverged`` message
+    and the accuracy at that point ends the run. Row
     ``step = t`` describes the update from version ``t`` to ``t + 1``; accuracy
     on that row is measured *after* the update. One extra row with ``step = -1``
     holds the base accuracy.
 
     ``on_step`` (for tests) gets a dict with the step, the behaviour version, the
-    behaviour and current state dicts and the batch before each update.
+    behaviour and current state dicts and the batch before each update (the batch
+    tensors are the learner's own). ``on_backward`` (for measurements) gets
+    ``{"step": t, "opob": OPOBResult or None}`` after each step's backward.
     """
     task = cfg.make_task()
     heldout = heldout_prompts(cfg)
@@ -239,7 +333,9 @@ def run_arm(
         weight_decay=cfg.weight_decay,
         base_ess_ratio=1.0,
     )
-    opob = OPOB(policy, scope="group", norm_by_std=True, **arm.opob_kwargs()) if arm.opob else None
+    opob = (
+        OPOB(policy, scope="group", norm_by_std=True, **arm.opob_kwargs(cfg)) if arm.opob else None
+    )
     n_b = cfg.prompts * cfg.group
     groups = torch.arange(cfg.prompts).repeat_interleave(cfg.group)
     mask = torch.ones(n_b, task.response_len, dtype=torch.bool)
@@ -281,6 +377,7 @@ def run_arm(
         adv = L.grpo_advantages(rewards, groups)
         try:
             corr = correction(cfg, arm, logp, logp_old, mask, lw, adv)
+            loss_vec = policy_loss(cfg, arm, logp, mask, adv, corr)
         except Diverged as exc:  # the run has diverged
             rows.append(
                 {
@@ -296,26 +393,13 @@ def run_arm(
                 progress(cfg.steps - t)
             break
         opt.zero_grad(set_to_none=True)
+        opob_res = None
         if opob is not None:
-            loss_vec = L.per_sample_pg_loss(
-                logp,
-                mask,
-                None,
-                corr.weights,
-                cfg.agg,  # type: ignore[arg-type]
-                token_weights=corr.token_weights,
-            )
-            opob.backward(loss_vec, rewards, groups)
+            opob_res = opob.backward(loss_vec, rewards, groups)
         else:
-            loss_vec = L.per_sample_pg_loss(
-                logp,
-                mask,
-                adv,
-                corr.weights,
-                cfg.agg,  # type: ignore[arg-type]
-                token_weights=corr.token_weights,
-            )
             loss_vec.sum().backward()
+        if on_backward is not None:
+            on_backward({"step": t, "opob": opob_res})
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
         if arm.ess_scaling:
@@ -355,6 +439,7 @@ def run_arm(
                 None if corr.keep is None else float(1.0 - corr.keep.sum() / mask.sum())
             ),
             **diagnostics.as_dict(prefix="offpolicy/"),
+            **opob_metrics(opob_res, n_b),
             "accuracy": None,
         }
         if (t + 1) % cfg.eval_every == 0 or t == cfg.steps - 1:

@@ -13,6 +13,7 @@ import torch
 
 from vcpo_optim.demo.arms import ARMS
 from vcpo_optim.demo.experiment import Results, plan
+from vcpo_optim.demo.pipeline import OPOB_FIELDS
 from vcpo_optim.diagnostics import OffPolicyStats
 
 #: The off-policy diagnostics of every step row (``offpolicy_stats(..., tis_cap=c)``).
@@ -39,6 +40,7 @@ METRIC_COLUMNS = (
     "frac_capped",
     "token_masked_frac",
     *OFFPOLICY_COLUMNS,
+    *OPOB_FIELDS,
     "accuracy",
     "elapsed_s",
 )
@@ -66,7 +68,12 @@ def summarize(res: Results) -> list[dict[str, Any]]:
     Step statistics are means over the steps of a run, then over seeds:
     ``ess_ratio_mean`` (raw weights), ``weight_ess_ratio_mean`` (the weights the
     arm used), ``k3_token_mean`` (K3 KL per token), ``capped_or_masked_mean``
-    (fraction of trajectories above the truncation cap, or of tokens masked)."""
+    (fraction of trajectories above the truncation cap, or of tokens masked),
+    ``sample_clipped_mean`` (fraction of trajectories whose contribution OPOB's
+    per-trajectory clip scaled down; NaN without clipping) and ``noise_scale``
+    (OPOB arms: ``B_simple`` of a run = the step mean of ``opob/noise_trace`` over
+    the step mean of ``opob/noise_grad_sq``, as McCandlish et al. recommend, then
+    the mean over seeds; NaN without OPOB)."""
     by_run: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in res.rows:
         by_run.setdefault((r["arm"], r["k"], r["seed"]), []).append(r)
@@ -80,6 +87,8 @@ def summarize(res: Results) -> list[dict[str, Any]]:
         wess: list[float | None] = []
         k3: list[float | None] = []
         cut: list[float | None] = []
+        clipped: list[float | None] = []
+        noise: list[float | None] = []
         for seed in res.cfg.seeds:
             rows = by_run.get((arm, lag, seed))
             if not rows:
@@ -88,8 +97,12 @@ def summarize(res: Results) -> list[dict[str, Any]]:
             steps = [r for r in rows if r["step"] >= 0 and "ess_ratio" in r]
             finals.append(accs[-1])
             peaks.append(max(accs))
-            ess.append(statistics.fmean(r["ess_ratio"] for r in steps))
-            gmax.append(max(r["grad_norm"] for r in steps))
+            if steps:  # none if the run diverged at its first step
+                ess.append(statistics.fmean(r["ess_ratio"] for r in steps))
+                gmax.append(max(r["grad_norm"] for r in steps))
+            clipped.append(_step_mean(steps, "opob/frac_clipped"))
+            tr, g2 = _step_mean(steps, "opob/noise_trace"), _step_mean(steps, "opob/noise_grad_sq")
+            noise.append(None if tr is None or g2 is None or g2 == 0 else tr / g2)
             wess.append(_step_mean(steps, "weight_ess_ratio"))
             k3.append(_step_mean(steps, "offpolicy/k3_kl_token_mean"))
             masked = _step_mean(steps, "token_masked_frac")
@@ -113,6 +126,8 @@ def summarize(res: Results) -> list[dict[str, Any]]:
                 "weight_ess_ratio_mean": _mean_over_seeds(wess),
                 "k3_token_mean": _mean_over_seeds(k3),
                 "capped_or_masked_mean": _mean_over_seeds(cut),
+                "sample_clipped_mean": _mean_over_seeds(clipped),
+                "noise_scale": _mean_over_seeds(noise),
                 "grad_norm_max": max(gmax) if gmax else math.nan,
                 "collapsed": collapsed,
                 "steps": res.cfg.steps,
@@ -185,7 +200,7 @@ def results_markdown(res: Results, summary: list[dict[str, Any]], figure: str | 
     lines += [
         "",
         "Collapsed = seeds whose final accuracy is below half of their base accuracy (or "
-        "whose importance weights overflowed the float32 loss). "
+        "whose weights `vcpo_optim.losses` refused as out of the float32 range: a diverged run). "
         "Mean ESS/B = ESS ratio of the raw (untruncated) sequence weights averaged over "
         "steps (1 at k=0; after a collapse the policy is nearly deterministic and the ratio "
         "drifts back up, so read it with the accuracy). ESS/B used = the same for the "
@@ -201,6 +216,33 @@ def results_markdown(res: Results, summary: list[dict[str, Any]], figure: str | 
         "async RL faster.",
         "",
     ]
+    opob_rows = [s for s in summary if ARMS[s["arm"]].opob]
+    if opob_rows:
+        lines += [
+            "OPOB arms: per-trajectory clipping and the gradient noise scale "
+            "(`OPOBResult`, per step in `metrics.jsonl` under `opob/...`).",
+            "",
+            "| Method | k | Held-out acc ↑ | Clipped per trajectory | B_simple = tr(Σ) / ‖G‖² |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for s in opob_rows:
+            clip = s["sample_clipped_mean"]
+            lines.append(
+                f"| {s['method']} | {s['k']} | {_pct(s['acc_mean'])} ± {_pct(s['acc_sd'])} | "
+                f"{'–' if math.isnan(clip) else _pct(clip)} | {_fmt(s['noise_scale'], '.3g')} |"
+            )
+        lines += [
+            "",
+            "Clipped per trajectory = fraction of trajectories whose contribution "
+            f"|c_i| ‖∇l_i‖ exceeded C = {cfg.max_sample_grad_norm:g} and was scaled down to "
+            "it (`OPOBResult.num_clipped` / B), averaged over steps. B_simple = the simple "
+            "gradient noise scale of the per-trajectory contributions c_i ∇l_i (McCandlish "
+            "et al. 2018): OPOB's unbiased estimates of tr(Σ) and ‖G‖², each averaged over "
+            "the steps of a run, their ratio, then the mean over seeds. It estimates the "
+            "batch size beyond which larger batches stop reducing the update's noise "
+            f"(B = {cfg.prompts * cfg.group} here).",
+            "",
+        ]
     if figure:
         lines += [
             f"![accuracy, ESS ratio, gradient norm and K3 KL per step]({figure})",
@@ -236,7 +278,10 @@ def results_markdown(res: Results, summary: list[dict[str, Any]], figure: str | 
         f"{cfg.icepop_band[1]:g}], 0 outside; `m2po` = token weights r_t, 0 on the "
         f"M2PO mask (tau = {cfg.m2po_tau:g}, the paper's trust-region candidates by the sign "
         "of the GRPO advantage); `vcpo-rho` = `vcpo` with the ESS-targeted cap instead of "
-        "c. " + _lag_note(cfg),
+        f"c; `vcpo-clip` = `vcpo` with OPOB's per-trajectory clip C = "
+        f"{cfg.max_sample_grad_norm:g} (`OPOB(..., max_sample_grad_norm=C)`: the 90th "
+        "percentile of the nonzero on-policy contributions |c_i| ‖∇l_i‖ of `sync-vcpo`, "
+        "`python -m vcpo_optim.demo.calibrate`; chosen once, not tuned). " + _lag_note(cfg),
         f"- Total wall-clock {res.total_seconds:.0f} s"
         + (
             ""
