@@ -30,7 +30,7 @@ from .. import distributed as _dist
 from . import distributed as red
 from . import recompute
 from .baseline import AGGS
-from .rules import FALLBACK_UNITS, RULES, get_rule, register_rule
+from .rules import FALLBACK_UNITS, RULES, get_rule, register_rule, uncovered_message
 from .step import Config, OPOBResult, Step
 from .tape import BATCHNORM_TYPES, Tape
 from .tape import owner as tape_owner
@@ -326,7 +326,7 @@ class OPOB:
         fb_mods: list[tuple[str, nn.Module]] = []
         unit_mods: list[tuple[str, nn.Module]] = []
         inside_unit: set[int] = set()
-        uncovered: list[str] = []
+        uncovered: list[tuple[str, nn.Module, list[str]]] = []
         for mname, mod in model.named_modules():
             if id(mod) in inside_unit:
                 continue
@@ -344,14 +344,10 @@ class OPOB:
             if get_rule(mod) is not None:
                 rule_mods.append((mname, mod))
             else:
-                uncovered += [f"{mname}.{n}" if mname else n for n, _ in own]
+                uncovered.append((mname, mod, [n for n, _ in own]))
                 fb_mods.append((mname, mod))
         if uncovered and self.strict:
-            raise ValueError(
-                "OPOB: no per-sample gradient rule covers these trainable parameters: "
-                f"{uncovered}. Register a rule (vcpo_optim.opob.register_rule), freeze them, or pass "
-                "strict=False to use the exact (slower) torch.func fallback for their modules."
-            )
+            raise ValueError(uncovered_message(uncovered))
 
         computed = [
             mname or type(mod).__name__
@@ -425,7 +421,12 @@ class OPOB:
         tape.defer, tape.hold_reason = defer, hold_reason
         self._step = Step(
             Config(
-                self.scope, self.agg, self.norm_by_std, self.winsor_q, self.max_sample_grad_norm
+                self.scope,
+                self.agg,
+                self.norm_by_std,
+                self.winsor_q,
+                self.max_sample_grad_norm,
+                self.strict,
             ),
             tape,
             self._reducer,

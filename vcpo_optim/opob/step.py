@@ -54,7 +54,7 @@ from .baseline import (
     stats_inv_std,
 )
 from .engine import LEAN_CHUNK_ELEMS, ParamWork, Running
-from .rules import fallback_factors, get_rule
+from .rules import apply_rule, fallback_factors
 from .rules.base import Factor, Rows
 from .tape import Tape
 
@@ -110,6 +110,7 @@ class Config:
     norm_by_std: bool
     winsor_q: float
     max_sample_grad_norm: float | None = None
+    strict: bool = True  # a rule that disagrees with its module: refuse (else the fallback)
 
 
 def _to_1d(
@@ -339,7 +340,7 @@ class Step:
                 "of checkpointing, or OPOB(..., checkpointing=False) (inputs held, one backward). "
                 "Nothing was changed."
             )
-        self.tape.validate(b, require_records=b > 0)
+        self.tape.validate(b, require_records=b > 0, loss=loss)
         return b, r, g
 
     @staticmethod
@@ -1040,26 +1041,14 @@ class Step:
         ]
         if all(gr is None for gr in gs):
             return None
-        facs: dict[str, Factor]
-        if u.rule:
-            (go,) = gs
-            assert go is not None
-            rule = get_rule(u.module)
-            assert rule is not None
-            try:
-                facs = rule(u.module, u.args, go)
-            except ValueError:
-                raise  # a rule's own refusal names its cause
-            except Exception as e:
-                raise ValueError(
-                    f"OPOB: the per-sample rule for module '{u.name}' "
-                    f"({type(u.module).__name__}) failed: {type(e).__name__}: {e}"
-                ) from e
-        else:
+        facs: dict[str, Factor] | None = None
+        if u.rule:  # None: the rule does not fit the module (strict=False): the fallback
+            facs = apply_rule(u.module, u.name, u.args, u.kwargs, gs, u.amp, self.cfg.strict)
+        if facs is None:
             paused, self.tape.paused = self.tape.paused, True
             try:
                 facs = fallback_factors(
-                    u.module, u.args, u.kwargs, gs, u.out_index, b, recurse=u.recurse
+                    u.module, u.args, u.kwargs, gs, u.out_index, b, u.recurse, u.amp
                 )
             except RuntimeError as e:
                 if "random" in str(e):

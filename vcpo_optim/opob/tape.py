@@ -60,6 +60,7 @@ from torch.nn.modules import module as _module
 
 from . import recompute
 from .distributed import local
+from .rules import autocast_state, replaying
 
 __all__ = ["BATCHNORM_TYPES", "Tape", "Use"]
 
@@ -88,19 +89,39 @@ class Use:
     captured: bool = False  # a deferred input arrived (norm pass)
     frame: Any = None  # weakref to the region's torch.utils.checkpoint frame
     ordinal: int = -1  # this call's place among the hooked calls of the region
+    amp: Any = None  # autocast state of the call, for replays (rules.autocast_state)
 
 
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+def _reachable(loss: Tensor) -> set[int]:
+    """ids of the autograd nodes reachable from ``loss`` (the nodes its backward can run)."""
+    seen: set[int] = set()
+    keep: list[Any] = []  # hold the node wrappers so that their ids stay unique during the walk
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return seen
+
+
 def _save_inputs(
     is_rule: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """What a record keeps of a call's arguments (a rule: every tensor; the fallback: all)."""
-    if is_rule:
-        # every tensor argument: positional ones first, then keyword ones in call order
-        return tuple(a.detach() for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), {}
+    """What a record keeps of a call's arguments: all of them, as called (tensors detached).
+
+    A rule gets the tensor ones (positional first, then keyword in call order) and may
+    take the keyword ones (PEFT's DoRA magnitude gets its ``lora_A``, ``lora_B``,
+    ``base_layer``); a rule that does not fit its module falls back to the vmap
+    replay, which needs the call as made.
+    """
+    del is_rule
     return tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
 
 
@@ -243,7 +264,13 @@ class Tape:
         self._recomputed.clear()
 
     def recording(self, module: nn.Module) -> bool:
-        return self.attached and not self.paused and module.training and torch.is_grad_enabled()
+        return (
+            self.attached
+            and not self.paused
+            and module.training
+            and torch.is_grad_enabled()
+            and not replaying()  # a rule check or the fallback replays a module
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -344,6 +371,7 @@ class Tape:
         on_capture = self._on_capture
         if (
             on_capture is None
+            or replaying()  # a rule check replays a module: not the recomputation
             or module not in self._specs
             or not module.training
             or not torch.is_grad_enabled()
@@ -459,6 +487,7 @@ class Tape:
             spec.recurse,
             versions,
         )
+        u.amp = autocast_state(tensors[0] if tensors else outs[index[0]])
         if defer:
             assert entry is not None
             u.deferred, u.frame, u.ordinal = True, weakref.ref(entry[0].frame), entry[1]
@@ -467,19 +496,30 @@ class Tape:
 
     # ------------------------------------------------------------------ checks
 
-    def validate(self, b: int, require_records: bool = True) -> None:
+    def validate(self, b: int, require_records: bool = True, loss: Tensor | None = None) -> None:
         """Every record belongs to this batch of ``b`` samples and is unchanged since the forward.
 
         ``require_records``: an empty tape is an error (a rank without samples
-        under a process group may have run no forward).
+        under a process group may have run no forward). ``loss``: a record of
+        another batch size whose outputs never reach it is dropped, not refused
+        (its output gradient is ``None``): PEFT's DoRA calls ``lora_A`` on
+        ``eye(in_features)`` and detaches the result.
         """
         if not self.uses and require_records:
             raise ValueError(
                 "OPOB: no forward pass was recorded since the last backward (is the model in training "
                 "mode with grad enabled, and was the forward run after attaching OPOB?)"
             )
+        reach: set[int] | None = None
+        unused: set[int] = set()
         for u in self.uses:
             if u.batch != b:
+                if loss is not None and b > 0:
+                    if reach is None:
+                        reach = _reachable(loss)
+                    if not any(id(e.node) in reach for e in u.edges):
+                        unused.add(id(u))
+                        continue
                 raise ValueError(
                     f"OPOB: module '{u.name}' ({type(u.module).__name__}) was called with an input/output "
                     f"whose dimension 0 is {u.batch}, but per_sample_loss has B={b}. Dimension 0 of every "
@@ -489,9 +529,10 @@ class Tape:
                     "call opob.clear() before the forward you backpropagate."
                 )
             saved = [t for t in (*u.args, *u.kwargs.values()) if isinstance(t, Tensor)]
+            n_pos = sum(isinstance(a, Tensor) for a in u.args)
             for k, (t, v) in enumerate(zip(saved, u.versions)):
                 if t._version != v:
-                    where = f"input {k}" if k < len(u.args) else "a keyword input"
+                    where = f"input {k}" if k < n_pos else "a keyword input"
                     raise ValueError(
                         f"OPOB: {where} of module '{u.name}' ({type(u.module).__name__}) was modified "
                         "by an inplace operation after the forward (tensor version "
@@ -505,6 +546,13 @@ class Tape:
                         f"OPOB: the output of module '{u.name}' (a view) was modified in place after the "
                         "forward; use an out-of-place op after this module."
                     )
+        if unused:
+            self.uses[:] = [u for u in self.uses if id(u) not in unused]
+            for key, u in list(self._deferred.items()):
+                if id(u) in unused:
+                    del self._deferred[key]
+            if not self.uses and require_records:
+                raise ValueError("OPOB: no recorded module call reaches per_sample_loss")
 
     def audit(
         self,

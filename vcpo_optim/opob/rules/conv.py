@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Dense, Factor, Outer, register_rule
+from .base import Dense, Factor, Outer, _builtin
 
 
 def _pad_amounts(module: nn.Module) -> list[int]:
@@ -33,7 +33,7 @@ def _unfold(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
     return F.unfold(x, kernel_size=k, dilation=dil, stride=st), nsp
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
+@_builtin(nn.Conv1d, nn.Conv2d)
 def conv_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

@@ -12,13 +12,39 @@ samples.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .base import Dense, Factor
+from .base import Dense, Factor, replay_guard
+
+#: What :func:`autocast_state` records: ``(device_type, dtype)``, dtype ``None`` when autocast
+#: was off for that device.
+AutocastState = tuple[str, torch.dtype | None] | None
+
+
+def autocast_state(x: Any) -> AutocastState:
+    """The autocast state in force for the device of tensor ``x`` (at record time)."""
+    dev = x.device.type if isinstance(x, Tensor) else "cpu"
+    if not torch.is_autocast_enabled(dev):
+        return dev, None
+    return dev, torch.get_autocast_dtype(dev)
+
+
+@contextmanager
+def replay_autocast(state: AutocastState) -> Iterator[None]:
+    """Re-enter the recorded autocast state (``None``: unknown, leave the current state)."""
+    if state is None:
+        yield
+        return
+    dev, dtype = state
+    with torch.autocast(dev, dtype=dtype, enabled=dtype is not None):
+        yield
+
 
 #: Module types handled as one unit by the exact fallback, counted as covered even with
 #: ``strict=True``: every trainable parameter of their subtree (``nn.MultiheadAttention``
@@ -39,6 +65,7 @@ def fallback_factors(
     output_index: list[int],
     batch: int,
     recurse: bool = False,
+    amp: AutocastState = None,
 ) -> dict[str, Factor]:
     """Materialised per-sample gradients of ``module``'s trainable parameters.
 
@@ -47,7 +74,7 @@ def fallback_factors(
 
     ``grad_outputs[j]`` is the gradient of the ``output_index[j]``-th tensor of
     the module output (a tensor or a tuple/list of tensors); ``None`` entries
-    did not reach the loss.
+    did not reach the loss. ``amp``: the autocast state of the recorded call.
     """
     named = [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
     if not named:
@@ -79,5 +106,8 @@ def fallback_factors(
             total = total + (outs[i].squeeze(0) * gi).sum()
         return total
 
-    per_sample = vmap(grad(f), in_dims=(None, list(in_dims), [0] * len(gouts)))(params, flat, gouts)
+    with replay_guard(), replay_autocast(amp):
+        per_sample = vmap(grad(f), in_dims=(None, list(in_dims), [0] * len(gouts)))(
+            params, flat, gouts
+        )
     return {n: Dense(per_sample[n]) for n in names}

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Dense, Factor, register_rule
+from .base import Dense, Factor, _builtin
 
 
-@register_rule(nn.GroupNorm)
+@_builtin(nn.GroupNorm)
 def group_norm_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

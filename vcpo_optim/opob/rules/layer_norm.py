@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Dense, Factor, register_rule
+from .base import Dense, Factor, _builtin
 
 
 def _acc(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-@register_rule(nn.LayerNorm)
+@_builtin(nn.LayerNorm)
 def layer_norm_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Dense, Factor, Outer, register_rule
+from .base import Dense, Factor, Outer, _builtin
 
 
-@register_rule(nn.Linear)
+@_builtin(nn.Linear)
 def linear_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:
