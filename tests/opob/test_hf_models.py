@@ -252,9 +252,19 @@ def test_core_does_not_import_transformers():
 # ------------------------------------------------------------------ PEFT
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_peft_lora_and_dora_exact(dora, dropout, no_fallback):
+@pytest.mark.parametrize(
+    ("dora", "dropout", "lora_bias"),
+    [
+        (False, 0.0, False),
+        (False, 0.1, False),
+        (True, 0.0, False),
+        (True, 0.1, False),
+        (False, 0.0, True),  # PEFT refuses lora_bias with DoRA
+    ],
+    ids=["lora", "lora-dropout", "dora", "dora-dropout", "lora-lora_bias"],
+)
+@pytest.mark.filterwarnings("ignore:.*lora_bias=True. was passed.*")  # Llama's layers have no bias
+def test_peft_lora_and_dora_exact(dora, dropout, lora_bias, no_fallback):
     peft = pytest.importorskip("peft", reason="peft is a test extra (pip install -e '.[dev]')")
     base = build("llama")
     cfg = peft.LoraConfig(
@@ -263,6 +273,7 @@ def test_peft_lora_and_dora_exact(dora, dropout, no_fallback):
         target_modules=["q_proj", "v_proj", "down_proj"],
         lora_dropout=dropout,
         use_dora=dora,
+        lora_bias=lora_bias,
         init_lora_weights=False,
     )
     model = peft.get_peft_model(base, cfg).train()
@@ -278,7 +289,9 @@ def test_peft_lora_and_dora_exact(dora, dropout, no_fallback):
         return inner(m)
 
     check(model, fn, 1e-9)
-    trainable = {n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad and "bias" not in n
+    }
     expect = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set())
     assert trainable == expect
     if dora:

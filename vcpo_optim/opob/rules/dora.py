@@ -12,7 +12,8 @@ so ``dy/dm_j = (base_j + scaling * lora_j) / wn_j`` and per sample
 ``grad_m_i[j] = sum_t g[i, t, j] (base[i, t, j] + scaling * lora[i, t, j]) / wn[j]``
 (materialised, ``[B, out]``). ``lora_A`` and ``lora_B`` are ``nn.Linear`` modules with
 their own rules; only ``m`` is this rule's. The rank-r product ``lora_B(lora_A(x))``
-is recomputed; ``base`` is the ``base_result`` PEFT passed (the base layer's output
+is recomputed (and PEFT's ``lora_A(eye(in))`` as ``A^T`` plus its bias, which it is
+exactly, without the ``in x in`` product); ``base`` is the ``base_result`` PEFT passed (the base layer's output
 it already had) or, when LoRA dropout is active and PEFT recomputed it, recomputed
 here the same way.
 
@@ -83,15 +84,15 @@ def dora_magnitude_rule(
     with torch.no_grad():
         w = weight.to(x.dtype)
         w = w.T if module.fan_in_fan_out else w  # [out, in]
-        eye = torch.eye(
-            lora_a.weight.shape[1], device=lora_a.weight.device, dtype=lora_a.weight.dtype
-        )
-        lora_weight = lora_b(lora_a(eye)).T.to(x.dtype)
-        wn = torch.linalg.norm(w + scaling * lora_weight, dim=1).to(w.dtype)
+        a_t = lora_a.weight.T  # lora_A(eye(in)) = A^T (+ bias), exactly: no in x in product
+        if getattr(lora_a, "bias", None) is not None:
+            a_t = a_t + lora_a.bias
+        lora_weight = lora_b(a_t).T.to(x.dtype)
+        wn = torch.linalg.vector_norm(torch.add(w, lora_weight, alpha=scaling), dim=1).to(w.dtype)
         lora = lora_b(lora_a(x))
         if base is None:
             base = F.linear(x, w)
     dt = torch.promote_types(torch.promote_types(grad_output.dtype, m.dtype), torch.float32)
-    gx = grad_output.to(dt) * (base.to(dt) + lora.to(dt) * scaling)
+    gx = grad_output.to(dt) * torch.add(base.to(dt), lora.to(dt), alpha=scaling)
     lead = tuple(range(1, gx.dim() - 1))
     return {"weight": Dense((gx.sum(dim=lead) if lead else gx) / wn.to(dt))}
