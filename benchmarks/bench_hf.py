@@ -16,8 +16,11 @@ each model:
     each gradient, two gradient buffers per prompt group (the reference scheme);
 (e) ``torch.func``: ``vmap(grad)`` per-sample gradients of the whole model, where it runs.
 
-Time: median wall-clock of forward + backward (+ norms, baseline, gradient write),
-contenders interleaved in every repeat. Peak memory: bytes allocated by PyTorch
+Time: median CPU time of this process (``time.process_time``; one compute thread) of
+forward + backward (+ norms, baseline, gradient write), contenders interleaved in every
+repeat. CPU time, not wall-clock, because the machine this runs on is shared: another
+process's load stretches wall-clock time but not the CPU time spent by this one (the
+median wall-clock is recorded too, ``wall_s`` in the json). Peak memory: bytes allocated by PyTorch
 during the call above what existed before (the parameters), from the PyTorch
 profiler's allocation timeline (``profile_memory=True``; CPU has no allocator peak
 counter), in a separate untimed run -- the same method as ``bench_opob.py``.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -50,6 +54,27 @@ from vcpo_optim import OPOB
 from vcpo_optim.opob.rules import structural_rules_disabled
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_NONE_KEEPALIVE: list[None] = []
+
+
+def peak_mem(fn: Callable[[], Any]) -> int:
+    """``bench_opob.peak_bytes`` on CPU, working around a PyTorch bug.
+
+    The profiler's memory timeline (``prof._memory_profile()``, torch 2.13) drops
+    references to ``None`` (60 to thousands per call, growing with the graph); after
+    enough calls CPython frees ``None`` and aborts ("Fatal Python error: none_dealloc"),
+    which this benchmark's 200 measurements reach. The lost references are put back.
+    """
+    gc.collect()
+    before = sys.getrefcount(None)
+    out = peak_bytes(fn, torch.device("cpu"))
+    gc.collect()  # the profiler's objects drop their references to None when collected
+    lost = before - sys.getrefcount(None)
+    if lost > 0:
+        _NONE_KEEPALIVE.extend([None] * lost)
+    return out
+
+
 GROUP = 8
 VOCAB, WIDTH, LAYERS, HEADS, MLP = 4096, 256, 4, 4, 1024
 
@@ -278,18 +303,20 @@ def run_shape(family: str, b: int, t: int, args: argparse.Namespace) -> dict[str
     if "e_vmap" in reps and big:  # the slowest by far: one repeat
         reps["e_vmap"] = 1
     times: dict[str, list[float]] = {k: [] for k in methods}
+    walls: dict[str, list[float]] = {k: [] for k in methods}
     for rep in range(max(reps.values())):
         for k in methods:
             if rep < reps[k]:
-                t0 = time.perf_counter()
+                t0, w0 = time.process_time(), time.perf_counter()
                 call(k)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(time.process_time() - t0)
+                walls[k].append(time.perf_counter() - w0)
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {}
     for k in methods:
         for p in methods[k][0].parameters():
             p.grad = None
-        mem[k] = peak_bytes(lambda k=k: call(k), torch.device("cpu"))
+        mem[k] = peak_mem(lambda k=k: call(k))
 
     res: dict[str, Any] = {
         "family": family,
@@ -297,6 +324,7 @@ def run_shape(family: str, b: int, t: int, args: argparse.Namespace) -> dict[str
         "T": t,
         "params_M": sum(p.numel() for p in base.parameters() if p.requires_grad) / 1e6,
         "time_s": med,
+        "wall_s": {k: statistics.median(v) for k, v in walls.items()},
         "reps": {k: len(v) for k, v in times.items()},
         "peak_mem_MB": {k: v / 2**20 for k, v in mem.items()},
         "failed": failed,
@@ -319,7 +347,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], name: str) -> str:
         f"{meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']})",
         "",
         f"Command: `{meta['command']}`. {LAYERS} layers, width {WIDTH}, MLP {MLP}, vocab {VOCAB}; "
-        "LoRA/DoRA r=16 on all linear layers of Llama. Time: median seconds of "
+        "LoRA/DoRA r=16 on all linear layers of Llama. Time: median CPU seconds (process time) of "
         "forward+backward(+norms+baseline+write); memory: peak MB allocated by torch during the call "
         "(PyTorch profiler allocation timeline). (a) plain, (b) OPOB built-in rules, (c) OPOB with "
         "the HF modules through the vmap fallback, (d) per-trajectory loop, (e) torch.func vmap.",
