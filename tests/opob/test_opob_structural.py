@@ -367,8 +367,8 @@ def test_rule_that_does_not_fit_is_a_clear_error(registry):
     register_rule(MyNorm)(layer_norm_rule)
     x, r = _data()
     model = _net(MyNorm(6))
-    match = r"'norm' \(MyNorm; rule 'layer_norm_rule' registered for MyNorm\).*AttributeError"
-    with OPOB(model) as opob, pytest.raises(ValueError, match=match + ".*normalized_shape"):
+    match = r"module 'norm' \(MyNorm\) failed: AttributeError.*normalized_shape"
+    with OPOB(model) as opob, pytest.raises(ValueError, match=match + ".*'layer_norm_rule'"):
         opob.backward(proj_loss(x)(model), r)
     assert all(p.grad is None for p in model.parameters())
     model = _net(MyNorm(6))
@@ -524,3 +524,19 @@ def test_fallback_replays_under_autocast():
     model = AutocastNet()  # the structural rule, checked under the recorded autocast state
     assert_one_call_matches_oracle(model, proj_loss(x), r, tol=2e-2)
     assert rule_status(model.b) == "verified"
+
+
+def test_trusted_rule_that_breaks_is_never_bypassed(registry):
+    """A built-in (trusted) rule that raises is an error even with strict=False, not the fallback;
+    a function put into RULES directly is used too (the registry reads RULES)."""
+    model = _net(LlamaLikeRMSNorm(6))
+    x, r = _data()
+
+    def broken(module, inputs, grad_output):
+        raise RuntimeError("broken on purpose")
+
+    with OPOB(model, strict=False) as opob:
+        rules_base.RULES[nn.Linear] = broken
+        with pytest.raises(ValueError, match=r"module 'inp' \(Linear\) failed: RuntimeError"):
+            opob.backward(proj_loss(x)(model), r)
+    assert all(p.grad is None for p in model.parameters())

@@ -186,9 +186,9 @@ _SPECS: dict[type[nn.Module], RuleSpec] = {}
 #: Structural rules, tried in order (:func:`register_structural_rule`); user rules go first.
 STRUCTURAL_RULES: list[_Structural] = []
 _version = [0]  # bumped by every registration: invalidates the per-module resolution cache
-_resolved: weakref.WeakKeyDictionary[nn.Module, tuple[int, RuleSpec | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_resolved: weakref.WeakKeyDictionary[
+    nn.Module, tuple[int, RuleSpec | None, type[nn.Module] | None]
+] = weakref.WeakKeyDictionary()
 
 
 def _takes_kwargs(fn: Callable[..., object], what: str) -> bool:
@@ -315,20 +315,41 @@ def _builtin_structural(match: Callable[[nn.Module], bool], name: str) -> Callab
     return decorator
 
 
-def _resolve(module: nn.Module) -> RuleSpec | None:
-    cls = type(module)
+def _typed(cls: type[nn.Module]) -> RuleSpec | None:
+    """The spec of a rule in :data:`RULES` for exactly ``cls``.
+
+    :data:`RULES` is the source of truth: a function put there directly (not via
+    :func:`register_rule`) is used too, trusted as before this registry had specs.
+    """
+    fn = RULES.get(cls)
+    if fn is None:
+        return None
     spec = _SPECS.get(cls)
-    if spec is not None:
+    if spec is not None and spec.fn is fn:
         return spec
+    try:
+        kw = _takes_kwargs(fn, f"the rule in RULES for {cls.__name__}")
+    except TypeError:
+        kw = False
+    name = getattr(fn, "__name__", repr(fn))
+    return RuleSpec(fn, False, kw, f"rule {name!r} set in RULES for {cls.__name__}")
+
+
+def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None]:
+    """The spec and the class in :data:`RULES` it came from (``None`` for a structural rule)."""
+    cls = type(module)
+    spec = _typed(cls)
+    if spec is not None:
+        return spec, cls
     for s in STRUCTURAL_RULES:
         try:
             ok = bool(s.match(module))
         except Exception:  # a matcher must never break attaching OPOB: no match
             ok = False
         if ok:
-            return s.spec
+            return s.spec, None
     for base in cls.__mro__[1:]:
-        spec = _SPECS.get(base)
+        spec = _typed(base)
         if spec is None:
             continue
         same_forward = getattr(cls, "forward", None) is getattr(base, "forward", None)
@@ -339,17 +360,31 @@ def _resolve(module: nn.Module) -> RuleSpec | None:
             f"{spec.source} (inherited by {cls.__name__}"
             + ("" if same_forward else ", which overrides forward")
             + ")",
+        ), base
+    return None, None
+
+
+def _still_valid(module: nn.Module, spec: RuleSpec | None, origin: type[nn.Module] | None) -> bool:
+    """A cached resolution holds unless :data:`RULES` was changed directly since."""
+    cls = type(module)
+    if origin is not None:
+        return (
+            spec is not None
+            and RULES.get(origin) is spec.fn
+            and (origin is cls or cls not in RULES)
         )
-    return None
+    if cls in RULES:
+        return False
+    return spec is not None or not any(b in RULES for b in cls.__mro__[1:])
 
 
 def resolve_rule(module: nn.Module) -> RuleSpec | None:
     """The :class:`RuleSpec` OPOB uses for ``module`` (see the module docstring), or ``None``."""
     hit = _resolved.get(module)
-    if hit is not None and hit[0] == _version[0]:
+    if hit is not None and hit[0] == _version[0] and _still_valid(module, hit[1], hit[2]):
         return hit[1]
-    spec = _resolve(module)
-    _resolved[module] = (_version[0], spec)
+    spec, origin = _resolve(module)
+    _resolved[module] = (_version[0], spec, origin)
     return spec
 
 

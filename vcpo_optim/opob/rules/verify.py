@@ -220,9 +220,9 @@ def apply_rule(
             raise ValueError(st[1])
         return None
 
-    def refuse(why: str) -> None:
-        msg = (
-            f"OPOB: the per-sample gradient rule for module '{name}' ({cls}; {spec.source}) does not "
+    def refuse(why: str, msg: str | None = None) -> None:
+        msg = msg or (
+            f"OPOB: the per-sample rule for module '{name}' ({cls}; {spec.source}) does not "
             f"fit it: {why}. Register a rule written for {cls} (vcpo_optim.opob.register_rule), "
             "freeze its parameters, or pass strict=False to use the exact (slower) torch.func "
             "fallback for it; nothing was changed."
@@ -240,9 +240,18 @@ def apply_rule(
     try:
         facs = _call(spec, module, args, kwargs, grad_output)
     except ValueError:
-        raise
+        raise  # a rule's own refusal names its cause
     except Exception as e:
-        refuse(f"the rule raised {type(e).__name__}: {e}")
+        msg = (
+            f"OPOB: the per-sample rule for module '{name}' ({cls}) failed: {type(e).__name__}: "
+            f"{e} ({spec.source}). If the rule does not fit this module, register one written "
+            f"for {cls} (vcpo_optim.opob.register_rule) or freeze its parameters"
+            + ("" if not spec.verify else ", or pass strict=False to use the exact fallback")
+            + "; nothing was changed."
+        )
+        if not spec.verify:  # a trusted rule that breaks is a bug to report, never bypassed
+            raise ValueError(msg) from e
+        refuse("", msg)
         return None
     if known:
         return facs
