@@ -297,3 +297,21 @@ def test_peft_lora_and_dora_exact(dora, dropout, lora_bias, no_fallback):
     if dora:
         mags = [m for n, m in model.named_modules() if n.endswith("lora_magnitude_vector.default")]
         assert mags and all(rule_status(m) == "verified" for m in mags)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "gpt2"])
+def test_structural_rules_under_gradient_checkpointing(family, no_fallback):
+    """transformers' (non-reentrant) gradient checkpointing: the first-use check runs in the
+    norm pass over the recomputation, and the result is still exact."""
+    model = build(family, attn="eager")
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    ids, mask = batch("right")
+    if family in GEMMA:
+        check(model, nll(family, ids, mask), 1e-7, loose=("norm",), loose_tol=1e-6)
+    else:
+        check(model, nll(family, ids, mask), 1e-9)
+    assert {rule_status(m) for m in _hooked(model)} <= {"trusted", "verified"}
