@@ -135,12 +135,13 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(d, 2 * d)
         self.fc2 = nn.Linear(2 * d, d, bias=False)
 
-    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Tensor, mask: Tensor | None = None) -> Tensor:
         b, t, d = x.shape
         h = self.n1(x)
         q, k, v = self.qkv(h).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        mask = causal & pad_mask[:, None, None, :]
+        if mask is None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = causal & pad_mask[:, None, None, :]
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(F.gelu(self.fc1(self.n2(x))))
@@ -162,16 +163,29 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.tok.weight
 
-    def forward(self, ids: Tensor, expand_pos: bool = True) -> Tensor:
+    def forward(
+        self, ids: Tensor, expand_pos: bool = True, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """``position_ids`` (``[1, N]``, restarting at 0 at each segment): a packed row, with
+        block-diagonal causal attention (a segment starts wherever the position does not grow
+        by one, as in transformers' packed-sequence detection)."""
         b, t = ids.shape
-        pos = torch.arange(t, device=ids.device).unsqueeze(0)
-        if expand_pos:
-            pos = pos.expand(b, t)
+        mask = None
+        if position_ids is None:
+            pos = torch.arange(t, device=ids.device).unsqueeze(0)
+            if expand_pos:
+                pos = pos.expand(b, t)
+        else:
+            pos = position_ids
+            first = torch.ones_like(pos[:, :1], dtype=torch.bool)
+            seg = torch.cat([first, pos[:, 1:] - pos[:, :-1] != 1], 1).cumsum(1)  # [1, N]
+            causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+            mask = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # [1, 1, N, N]
         x = self.tok(ids) + self.pos(pos)
         pad_mask = ids != 0
         pad_mask[:, 0] = True
         for blk in self.blocks:
-            x = blk(x, pad_mask)
+            x = blk(x, pad_mask, mask)
         return self.head(self.norm(x))
 
 

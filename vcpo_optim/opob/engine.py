@@ -28,6 +28,13 @@ strategies, chosen per parameter by an operation count for the actual shapes:
   materialised as ``[B, V, d]``.
 
 Transient buffers are bounded by chunking over samples.
+
+Packed batches (:mod:`vcpo_optim.opob.packing`): a
+:class:`~vcpo_optim.opob.segments.Segmented` factor is read as the ordinary
+factor of each chunk of samples (zero-padded to the chunk's longest segment);
+the cost model sees the padded layout of the whole batch; the lean head's
+functions (which chunk by themselves) get a packed partner factor (a tied
+embedding) padded for the whole batch.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from torch import Tensor
 
 from .rules import lm_head as _lmh
 from .rules.base import Dense, Factor, Outer, Rows, Softmax
+from .segments import Segmented
 
 _MIN_CHUNK_ELEMS = 1 << 22
 #: The floor for the two passes of a checkpointed call (:mod:`vcpo_optim.opob.recompute`): there
@@ -60,7 +68,33 @@ def acc_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def _elems(f: Factor) -> int:
+def _shape(f: Factor | Segmented) -> Factor:
+    """The factor whose shapes the cost model reads (a packed one: its padded layout)."""
+    return f.meta if isinstance(f, Segmented) else f
+
+
+def _whole(f: Factor | Segmented) -> Factor:
+    """The factor of the whole batch (a packed one: padded; for the lean head's functions)."""
+    return f.padded(0, f.batch) if isinstance(f, Segmented) else f
+
+
+def _device(f: Factor | Segmented) -> torch.device:
+    """The device of a factor's tensors."""
+    if isinstance(f, Segmented):
+        f = f.inner
+    if isinstance(f, Dense):
+        return f.G.device
+    return f.g.device
+
+
+def _pad_elems(f: Factor | Segmented) -> int:
+    """Elements per sample that reading a packed factor copies into its padded layout."""
+    return f.padded_elems() if isinstance(f, Segmented) else 0
+
+
+def _elems(f: Factor | Segmented) -> int:
+    if isinstance(f, Segmented):
+        return _elems(f.inner)
     if isinstance(f, Softmax):
         return _lmh.elems(f)
     if isinstance(f, Outer):
@@ -70,8 +104,9 @@ def _elems(f: Factor) -> int:
     return f.G.numel()
 
 
-def _mat_cost(f: Factor, numel: int) -> float:
+def _mat_cost(f: Factor | Segmented, numel: int) -> float:
     """Materialise ``[B, *shape]`` from the factor."""
+    f = _shape(f)
     if isinstance(f, Softmax):
         return math.inf  # [B, V, d]: never (the head's own strategies block over the vocabulary)
     if isinstance(f, Outer):
@@ -83,8 +118,10 @@ def _mat_cost(f: Factor, numel: int) -> float:
     return 0.0
 
 
-def _write_cost(f: Factor, numel: int) -> float:
-    """``sum_i c_i F_i`` from the factor."""
+def _write_cost(f: Factor | Segmented, numel: int) -> float:
+    """``sum_i c_i F_i`` from the factor (a packed one: from its tokens)."""
+    if isinstance(f, Segmented):
+        return _write_cost(f.inner, numel)
     if isinstance(f, Softmax):
         return _lmh.write_cost(f)
     if isinstance(f, Outer):
@@ -96,8 +133,9 @@ def _write_cost(f: Factor, numel: int) -> float:
     return KAPPA * f.G.numel() / 2
 
 
-def _pair_cost(f1: Factor, f2: Factor) -> float:
+def _pair_cost(f1: Factor | Segmented, f2: Factor | Segmented) -> float:
     """``<F1_i, F2_i>`` for all i without materialising (ghost)."""
+    f1, f2 = _shape(f1), _shape(f2)
     if isinstance(f1, Softmax) or isinstance(f2, Softmax):
         return _lmh.ghost_pair_cost(f1, f2)
     if isinstance(f1, Dense) or isinstance(f2, Dense):
@@ -127,8 +165,12 @@ def _sl(t: Tensor, lo: int, hi: int) -> Tensor:
     return t if lo == 0 and hi == t.shape[0] else t[lo:hi]
 
 
-def _materialize(f: Factor, lo: int, hi: int, shape: torch.Size, dt: torch.dtype) -> Tensor:
+def _materialize(
+    f: Factor | Segmented, lo: int, hi: int, shape: torch.Size, dt: torch.dtype
+) -> Tensor:
     """Per-sample gradients of samples ``lo:hi``, ``[hi - lo, *shape]``."""
+    if isinstance(f, Segmented):
+        f, lo, hi = f.padded(lo, hi), 0, hi - lo
     if isinstance(f, Outer):
         a, g = _c(_sl(f.a, lo, hi), dt), _c(_sl(f.g, lo, hi), dt)
         if a.shape[2] == 1:
@@ -146,8 +188,13 @@ def _materialize(f: Factor, lo: int, hi: int, shape: torch.Size, dt: torch.dtype
     return _c(_sl(f.G, lo, hi), dt).reshape(hi - lo, *shape)
 
 
-def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tensor:
+def _pair_dot(
+    f1: Factor | Segmented, f2: Factor | Segmented, lo: int, hi: int, dt: torch.dtype
+) -> Tensor:
     """``<F1_i, F2_i>`` for samples ``lo:hi`` without materialising either (ghost)."""
+    if isinstance(f1, Segmented) or isinstance(f2, Segmented):
+        assert isinstance(f1, Segmented) and isinstance(f2, Segmented)  # a call is packed or not
+        f1, f2, lo, hi = f1.padded(lo, hi), f2.padded(lo, hi), 0, hi - lo
     if isinstance(f1, Outer) and isinstance(f2, Outer):
         a1, g1 = _c(_sl(f1.a, lo, hi), dt), _c(_sl(f1.g, lo, hi), dt)
         a2, g2 = _c(_sl(f2.a, lo, hi), dt), _c(_sl(f2.g, lo, hi), dt)
@@ -177,8 +224,10 @@ def _pair_dot(f1: Factor, f2: Factor, lo: int, hi: int, dt: torch.dtype) -> Tens
     return (gathered * torch.bmm(h, ge.transpose(1, 2))).sum(dim=(1, 2))
 
 
-def _write(f: Factor, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor:
-    """``sum_i coeff_i F_i`` as a parameter-shaped tensor."""
+def _write(f: Factor | Segmented, coeff: Tensor, shape: torch.Size, dt: torch.dtype) -> Tensor:
+    """``sum_i coeff_i F_i`` as a parameter-shaped tensor (packed: ``sum_t c_{seg(t)} F_t``)."""
+    if isinstance(f, Segmented):
+        f, coeff = f.inner, f.token_coefficients(coeff)
     if isinstance(f, Softmax):
         return _lmh.write(f, coeff, shape, dt)
     if isinstance(f, Outer):
@@ -207,7 +256,7 @@ class ParamWork:
 
     param: Tensor
     name: str
-    factors: list[Factor] = field(default_factory=list)
+    factors: list[Factor | Segmented] = field(default_factory=list)
     strategy: str = ""
     acc_r: Tensor | None = None
     acc_s: Tensor | None = None
@@ -230,7 +279,10 @@ class ParamWork:
         if any(isinstance(f, Softmax) for f in fs):
             write = n_writes * sum(_write_cost(f, numel) for f in fs)
             pairs = (_pair_cost(fs[u], fs[v]) for u in range(len(fs)) for v in range(u, len(fs)))
-            head = {"ghost": sum(pairs) + write, "vchunk": _lmh.vchunk_cost(fs, numel) + write}
+            head = {
+                "ghost": sum(pairs) + write,
+                "vchunk": _lmh.vchunk_cost([_shape(f) for f in fs], numel) + write,
+            }
             self.strategy = min(head, key=lambda k: head[k])
             return self.strategy
         mat = sum(_mat_cost(f, numel) for f in fs) + KAPPA * batch * numel * (len(fs) - 1)
@@ -263,7 +315,7 @@ class ParamWork:
         """``n_i(p)``; with strategy ``acc`` also fills ``A_R = sum r_i G_i``, ``A_S[s] = sum_{i in s} q_i G_i``."""
         p, dt = self.param, acc_dtype(self.param)
         if self.strategy == "vchunk":
-            return _lmh.vchunk_sq_norms(self.factors, batch, p.shape, dt)
+            return _lmh.vchunk_sq_norms([_whole(f) for f in self.factors], batch, p.shape, dt)
         if self.strategy == "ghost":
             out = torch.zeros(batch, dtype=dt, device=p.device)
             fs = self.factors
@@ -271,12 +323,16 @@ class ParamWork:
                 for v in range(u, len(fs)):
                     fu, fv = fs[u], fs[v]
                     if isinstance(fu, Softmax) or isinstance(fv, Softmax):
-                        d = _lmh.pair_dot(fu, fv, dt)
+                        d = _lmh.pair_dot(_whole(fu), _whole(fv), dt)
                         out += d if u == v else 2 * d
                         continue
-                    assert not isinstance(fu, Dense) and not isinstance(fv, Dense)
-                    nb = fu.g.shape[2] if isinstance(fu, Outer) else 1
-                    step = self._chunk(2 * nb * fu.g.shape[1] * fv.g.shape[1])
+                    su, sv = _shape(fu), _shape(fv)
+                    assert not isinstance(su, Dense) and not isinstance(sv, Dense)
+                    nb = su.g.shape[2] if isinstance(su, Outer) else 1
+                    step = self._chunk(2 * nb * su.g.shape[1] * sv.g.shape[1])
+                    pad = _pad_elems(fu) + _pad_elems(fv)
+                    if pad:  # packed: one chunk's padded copies stay below the transient bound
+                        step = max(1, min(step, _MIN_CHUNK_ELEMS // pad))
                     for lo in range(0, batch, step):
                         hi = min(batch, lo + step)
                         d = _pair_dot(fs[u], fs[v], lo, hi, dt)
@@ -284,6 +340,9 @@ class ParamWork:
             return out
         acc = self.strategy == "acc"
         step = self._chunk(self.numel, materialize=True)
+        pad = sum(_pad_elems(f) for f in self.factors)
+        if pad:  # packed: one chunk's padded copies stay below the engine's transient bound
+            step = max(1, min(step, _MIN_CHUNK_ELEMS // pad))
         chunks: list[tuple[int, int, int]] = []  # (lo, hi, scope); with acc, one scope per chunk
         if acc:
             assert r is not None and q is not None and sid is not None
@@ -340,8 +399,8 @@ class ParamWork:
 
 
 def pair_dots(
-    f1: Factor,
-    f2: Factor,
+    f1: Factor | Segmented,
+    f2: Factor | Segmented,
     batch: int,
     shape: torch.Size,
     dt: torch.dtype,
@@ -349,14 +408,13 @@ def pair_dots(
 ) -> Tensor:
     """``<F1_i, F2_i>`` for every sample: ghost where it applies, else materialised in chunks."""
     if isinstance(f1, Softmax) or isinstance(f2, Softmax):
-        return _lmh.pair_dot(f1, f2, dt)
-    out = torch.empty(
-        batch, dtype=dt, device=f1.g.device if not isinstance(f1, Dense) else f1.G.device
-    )
+        return _lmh.pair_dot(_whole(f1), _whole(f2), dt)
+    s1, s2 = _shape(f1), _shape(f2)
+    out = torch.empty(batch, dtype=dt, device=_device(f1))
     if math.isfinite(_pair_cost(f1, f2)):
-        assert not isinstance(f1, Dense) and not isinstance(f2, Dense)
-        nb = f1.g.shape[2] if isinstance(f1, Outer) else 1
-        per = 2 * nb * f1.g.shape[1] * f2.g.shape[1]
+        assert not isinstance(s1, Dense) and not isinstance(s2, Dense)
+        nb = s1.g.shape[2] if isinstance(s1, Outer) else 1
+        per = 2 * nb * s1.g.shape[1] * s2.g.shape[1] + _pad_elems(f1) + _pad_elems(f2)
         step = max(1, max(floor, _elems(f1) + _elems(f2)) // max(per, 1))
         for lo in range(0, batch, step):
             hi = min(batch, lo + step)
@@ -383,7 +441,7 @@ def rows_at(f: Factor, idx: Tensor, shape: torch.Size, dt: torch.dtype) -> Tenso
     so ``R`` can stand in for ``F`` until that factor arrives: an LM head's
     ``[B, T, V]`` output gradient becomes ``[B, S, d]`` for its tied embedding.
     """
-    if len(shape) != 2 or isinstance(f, Softmax):  # the lean head's factor is small: kept
+    if len(shape) != 2 or isinstance(f, Softmax | Segmented):  # kept as they are
         return None
     b = idx.shape[0]
     if isinstance(f, Outer):

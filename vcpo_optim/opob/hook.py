@@ -87,7 +87,9 @@ class OPOB:
             ``nn.Conv2d``; add more with :func:`vcpo_optim.opob.register_rule`;
             ``nn.MultiheadAttention`` (``batch_first=True``) is covered as a
             unit by the exact vmap fallback, which is slower).
-            Dimension 0 of every hooked module's input must be the sample.
+            Dimension 0 of every hooked module's input must be the sample,
+            or, for a packed batch (``backward(..., cu_seqlens=...)``), every
+            hooked module sees the packed tokens and is token-local.
         scope: ``"group"`` (default): one baseline per prompt group given by
             ``groups``; a group must be complete within one :meth:`backward`
             call (seen again later in the same optimizer step -> ``ValueError``).
@@ -242,7 +244,10 @@ class OPOB:
     ``gradient_checkpointing_kwargs={"use_reentrant": False}``),
     BatchNorm in training mode (mixes samples),
     hooked modules whose input dim 0 is not ``B`` (broadcast inputs such as
-    position ids of shape ``[1, T]``: expand them to ``[B, T]``), a tracked
+    position ids of shape ``[1, T]``: expand them to ``[B, T]``; a packed row
+    ``[1, N]`` passes ``cu_seqlens``), in a packed call modules that are not
+    token-local or do not see the packed tokens, and padding that reaches the
+    loss, a tracked
     parameter used outside the forward of a module that owns it (for example
     ``F.linear(h, emb.weight)``: use an ``nn.Linear`` sharing the Parameter),
     ``nn.Embedding(scale_grad_by_freq=True)``, hooked modules with
@@ -537,6 +542,7 @@ class OPOB:
         groups: Any = None,
         *,
         norm_weights: Any = None,
+        cu_seqlens: Any = None,
     ) -> OPOBResult:
         """One batched backward: per-sample norms, baselines, and ``sum_i c_i grad l_i`` into ``.grad``.
 
@@ -563,6 +569,16 @@ class OPOB:
                 ``scope="batch"``, in every call of the step, or in none).
                 :func:`vcpo_optim.opob.reference_norm_weights` gives the ``m_i``
                 that reproduce the research code's baseline.
+            cu_seqlens: a packed (padding-free) batch: ``[B + 1]`` integer
+                cumulative sequence lengths over the packed token dimension
+                (flash-attention varlen / verl convention: ``cu[0] = 0``,
+                non-decreasing, ``cu[B] <= N``). Sample ``i`` is the segment of
+                tokens ``cu[i] <= t < cu[i + 1]`` (length 0 allowed); the hooked
+                modules saw ``[1, N, ...]`` or ``[N, ...]`` inputs; tokens after
+                ``cu[B]`` (padding) belong to no sample and must not reach the
+                loss. Every hooked module must be token-local (see
+                :mod:`vcpo_optim.opob.packing`). Default ``None``: dimension 0
+                of every hooked module's input is the sample.
 
         Returns:
             :class:`OPOBResult` with ``sq_norms``, ``baselines``,
@@ -575,7 +591,9 @@ class OPOB:
                 optimizer step, a recorded module input whose dim 0 is not
                 ``B``, parameters used outside their module, non-finite
                 per-sample norms, ``norm_weights`` that are not finite,
-                non-negative and ``[B]``, or a second call in a step with
+                non-negative and ``[B]``, a malformed ``cu_seqlens``, a packed
+                call with a module that is not token-local, whose records do not
+                hold the packed tokens, or whose padding reaches the loss, or a second call in a step with
                 ``scope="batch"`` and ``max_sample_grad_norm``. Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process
                 group every rank raises the same error.
@@ -585,13 +603,22 @@ class OPOB:
             if not reducer.fsdp and reducer.tp_group is None:
                 self._check_still_plain()
                 if reducer.dp_group() is None:  # nothing to reduce: write .grad directly
-                    return self._step.run(per_sample_loss, rewards, groups, norm_weights)
-            return self._backward_reduced(per_sample_loss, rewards, groups, norm_weights)
+                    return self._step.run(
+                        per_sample_loss, rewards, groups, norm_weights, cu_seqlens
+                    )
+            return self._backward_reduced(
+                per_sample_loss, rewards, groups, norm_weights, cu_seqlens
+            )
         finally:
             self._tape.clear()
 
     def _backward_reduced(
-        self, loss: Tensor, rewards: Any, groups: Any, norm_weights: Any = None
+        self,
+        loss: Tensor,
+        rewards: Any,
+        groups: Any,
+        norm_weights: Any = None,
+        cu_seqlens: Any = None,
     ) -> OPOBResult:
         """A call whose gradients are reduced (data parallel, FSDP2) or sharded (TP)."""
         reducer = self._reducer
@@ -600,7 +627,7 @@ class OPOB:
             swapped = reducer.swap_tp_params(self.model, self._params, self._names)
             self._tape.localize(red.local)  # inputs a TP style turned into DTensors
         try:
-            return self._step.run(loss, rewards, groups, norm_weights)
+            return self._step.run(loss, rewards, groups, norm_weights, cu_seqlens)
         finally:
             reducer.restore_tp_params(swapped)
 

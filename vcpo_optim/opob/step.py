@@ -28,9 +28,11 @@ Controls and diagnostics built on the norms (issue 11):
   written gradient (:meth:`GradReducer.grad_sq_norm`), per optimizer step
   (:meth:`Step._noise`).
 
-Extension point (not implemented yet): packed batches: the factors arrive per
-segment from the tape, so nothing here changes beyond passing ``cu_seqlens``
-to :meth:`Tape.validate`.
+Packed batches (``cu_seqlens``, :mod:`vcpo_optim.opob.packing`): the validation
+checks the records' packed layout (:func:`~vcpo_optim.opob.packing.plan`), and
+:meth:`Step._use_factors` calls each rule on the token view of its record and
+sums its factors per segment; everything after the factors is unchanged (the
+two passes of checkpointed calls included).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from .. import distributed as _dist
 from . import distributed as red
-from . import recompute
+from . import packing, recompute
 from .baseline import (
     merge_stats,
     scope_baselines,
@@ -54,9 +56,9 @@ from .baseline import (
     stats_inv_std,
 )
 from .engine import LEAN_CHUNK_ELEMS, ParamWork, Running
-from .rules import apply_rule, fallback_factors
+from .rules import apply_rule, fallback_factors, is_token_local
 from .rules.base import Factor, Rows
-from .tape import Tape
+from .tape import Tape, _reachable
 
 __all__ = ["Config", "OPOBResult", "Step", "StepState"]
 
@@ -180,6 +182,7 @@ class _Call:
     new_step: bool  # a new optimizer step started since the last call (agreed)
     m: Tensor | None = None  # this rank's norm_weights (float64), or None
     weighted: bool = False  # some rank with samples passed norm_weights (then every such rank did)
+    packed: packing.Packed | None = None  # this rank's packed layout (cu_seqlens), or None
 
 
 class Step:
@@ -293,8 +296,8 @@ class Step:
     # ------------------------------------------------------------------ validation
 
     def _validate_local(
-        self, loss: Any, rewards: Any, groups: Any, empty_ok: bool
-    ) -> tuple[int, Tensor, Tensor | None]:
+        self, loss: Any, rewards: Any, groups: Any, empty_ok: bool, cu_seqlens: Any = None
+    ) -> tuple[int, Tensor, Tensor | None, packing.Packed | None]:
         if not self.tape.attached:
             if self.tape.replaced:
                 raise ValueError(
@@ -340,8 +343,18 @@ class Step:
                 "of checkpointing, or OPOB(..., checkpointing=False) (inputs held, one backward). "
                 "Nothing was changed."
             )
-        self.tape.validate(b, require_records=b > 0, loss=loss)
-        return b, r, g
+        seg = None if cu_seqlens is None else packing.segments(cu_seqlens, b, loss.device)
+        self.tape.validate(b, require_records=b > 0, loss=loss, packed=seg is not None)
+        packed = None
+        if seg is not None:
+            packed, kept = packing.plan(
+                self.tape.uses,
+                seg,
+                lambda u: u.rule and is_token_local(u.module) is not None,
+                lambda: _reachable(loss),
+            )
+            self.tape.keep(kept)
+        return b, r, g, packed
 
     @staticmethod
     def _validate_norm_weights(m: Any, b: int, device: torch.device) -> Tensor | None:
@@ -362,7 +375,13 @@ class Step:
         return t
 
     def _validate(
-        self, loss: Any, rewards: Any, groups: Any, group: Any | None, norm_weights: Any = None
+        self,
+        loss: Any,
+        rewards: Any,
+        groups: Any,
+        group: Any | None,
+        norm_weights: Any = None,
+        cu_seqlens: Any = None,
     ) -> _Call:
         """Local checks, then the call's first collective: one agreement over the group.
 
@@ -372,11 +391,13 @@ class Step:
         """
         shared = group is not None or self.reducer.tp_active()
         error: BaseException | None = None
-        out: tuple[int, Tensor, Tensor | None] | None = None
+        out: tuple[int, Tensor, Tensor | None, packing.Packed | None] | None = None
         new_step = False
         m: Tensor | None = None
         try:
-            out = self._validate_local(loss, rewards, groups, empty_ok=group is not None)
+            out = self._validate_local(
+                loss, rewards, groups, empty_ok=group is not None, cu_seqlens=cu_seqlens
+            )
             m = self._validate_norm_weights(norm_weights, out[0], loss.device)
             new_step = self._new_step()
         except Exception as exc:
@@ -419,6 +440,7 @@ class Step:
             any(x[3] for x in rows),
             m,
             bool(weighted),
+            out[3],
         )
 
     # ------------------------------------------------------------------ scopes
@@ -511,7 +533,14 @@ class Step:
 
     # ------------------------------------------------------------------ the call
 
-    def run(self, loss: Tensor, rewards: Any, groups: Any, norm_weights: Any = None) -> OPOBResult:
+    def run(
+        self,
+        loss: Tensor,
+        rewards: Any,
+        groups: Any,
+        norm_weights: Any = None,
+        cu_seqlens: Any = None,
+    ) -> OPOBResult:
         """One backward call: every rank, with or without samples, runs exactly this.
 
         The tape is consumed (the caller clears it whatever happens).
@@ -522,7 +551,7 @@ class Step:
         if buffered:
             reducer.begin()
         try:
-            return self._run(loss, rewards, groups, group, buffered, norm_weights)
+            return self._run(loss, rewards, groups, group, buffered, norm_weights, cu_seqlens)
         finally:
             reducer.end()
 
@@ -556,10 +585,11 @@ class Step:
         group: Any | None,
         buffered: bool,
         norm_weights: Any = None,
+        cu_seqlens: Any = None,
     ) -> OPOBResult:
         cfg, reducer = self.cfg, self.reducer
         shared = group is not None or reducer.tp_active()  # failures must be agreed
-        c = self._validate(loss, rewards, groups, group, norm_weights)  # collective 1
+        c = self._validate(loss, rewards, groups, group, norm_weights, cu_seqlens)  # collective 1
         st = StepState() if c.new_step else self.state  # read-only until the commit
         self._check_step(c, st)
         # a gradient OPOB wrote earlier in this step changed in place since (scope="group")
@@ -620,12 +650,12 @@ class Step:
                 self.tape.audit(loss, self.params, self.names, self.owned, self.model)
                 two_pass = b > 0 and self.tape.deferred
                 if two_pass:
-                    self._norm_pass(loss, b, ns_acc, dt, parts)
+                    self._norm_pass(loss, b, ns_acc, dt, parts, c.packed)
                 else:
                     grads = self._autograd(loss)
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 if b and not two_pass:
-                    works = self._factors(grads, b)
+                    works = self._factors(grads, b, c.packed)
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -706,7 +736,7 @@ class Step:
             try:
                 acc_batch = batch_scope and clip is None  # clipped: one call per step, no sums
                 if two_pass:  # pass 2: the weighted sums from the factors, recomputed again
-                    works = self._sum_pass(loss, b, [r, q_acc] if acc_batch else [coef])
+                    works = self._sum_pass(loss, b, [r, q_acc] if acc_batch else [coef], c.packed)
                 self._write(works, st, bs, ks, r, q_acc, coef, acc_batch, staged, buffered)
             except Exception as exc:
                 if not buffered:
@@ -908,6 +938,7 @@ class Step:
         n_scopes: int,
         dt: torch.dtype,
         parts: list[tuple[Tensor, Tensor]],
+        packed: packing.Packed | None = None,
     ) -> None:
         """Norms of a call with checkpointed records (:mod:`vcpo_optim.opob.recompute`, pass 1).
 
@@ -930,7 +961,8 @@ class Step:
             """The Rows indices of a use still to come, if its input is there to tell."""
             if id(u) not in probed:
                 got: dict[int, Tensor] = {}
-                if u.rule and len(u.edges) == 1 and (not u.deferred or u.captured):
+                ready = not u.deferred or u.captured
+                if packed is None and u.rule and len(u.edges) == 1 and ready:
                     zero = torch.zeros(u.out_shapes[0], device=loss.device)
                     for pname, f in (self._use_factors(u, [zero], b) or {}).items():
                         if isinstance(f, Rows):
@@ -940,7 +972,7 @@ class Step:
 
         def consume(u: Any, grads: list[Tensor | None]) -> None:
             with torch.no_grad(), off:
-                facs = self._use_factors(u, grads, b)
+                facs = self._use_factors(u, grads, b, packed)
                 if u.deferred:  # recaptured in pass 2; held inputs stay for it
                     u.args, u.kwargs = (), {}
                 done.add(id(u))
@@ -973,7 +1005,9 @@ class Step:
             parts.append((run.param, run.sq.to(dt)))
         running.clear()
 
-    def _sum_pass(self, loss: Tensor, b: int, vectors: list[Tensor]) -> dict[int, Any]:
+    def _sum_pass(
+        self, loss: Tensor, b: int, vectors: list[Tensor], packed: packing.Packed | None = None
+    ) -> dict[int, Any]:
         """Pass 2 of a call with checkpointed records: ``sum_i c_i G_i`` for each ``c`` in ``vectors``.
 
         The same backward as pass 1 (the records' inputs captured again from the
@@ -986,7 +1020,7 @@ class Step:
 
         def consume(u: Any, grads: list[Tensor | None]) -> None:
             with torch.no_grad(), off:
-                facs = self._use_factors(u, grads, b)
+                facs = self._use_factors(u, grads, b, packed)
                 if u.deferred:
                     u.args, u.kwargs = (), {}
                 for pname, fac in (facs or {}).items():
@@ -1015,14 +1049,16 @@ class Step:
             for pid, (p, got) in sums.items()
         }
 
-    def _factors(self, grads: tuple[Tensor | None, ...], b: int) -> dict[int, ParamWork]:
+    def _factors(
+        self, grads: tuple[Tensor | None, ...], b: int, packed: packing.Packed | None = None
+    ) -> dict[int, ParamWork]:
         """Per-parameter factors of every record (a rule, or the vmap fallback)."""
         works: dict[int, ParamWork] = {}
         pos = 0
         for u in self.tape:
             gs = list(grads[pos : pos + len(u.edges)])
             pos += len(u.edges)
-            facs = self._use_factors(u, gs, b)
+            facs = self._use_factors(u, gs, b, packed)
             if facs is None:
                 continue
             for pname, fac in facs.items():
@@ -1033,8 +1069,19 @@ class Step:
                 w.factors.append(fac)
         return works
 
-    def _use_factors(self, u: Any, grads: list[Tensor | None], b: int) -> dict[str, Factor] | None:
-        """The factors of one record from its output gradients (``None``: none reached the loss)."""
+    def _use_factors(
+        self,
+        u: Any,
+        grads: list[Tensor | None],
+        b: int,
+        packed: packing.Packed | None = None,
+    ) -> dict[str, Factor] | None:
+        """The factors of one record from its output gradients (``None``: none reached the loss).
+
+        Packed (``packed``): the rule runs on the token view of the record (or on the
+        padded segments, for rules registered ``token_local="padded"``) and its
+        per-token factors are summed per segment (only token-local rules get here).
+        """
         # a tensor-parallel module's own output is a DTensor: its gradient's local shard
         gs = [
             None if gr is None else red.local(gr).reshape(s) for gr, s in zip(grads, u.out_shapes)
@@ -1042,6 +1089,8 @@ class Step:
         if all(gr is None for gr in gs):
             return None
         facs: dict[str, Factor] | None = None
+        if packed is not None:
+            return self._packed_factors(u, gs, packed)
         if u.rule:  # None: the rule does not fit the module (strict=False): the fallback
             facs = apply_rule(u.module, u.name, u.args, u.kwargs, gs, u.amp, self.cfg.strict)
         if facs is None:
@@ -1070,4 +1119,30 @@ class Step:
                 ) from e
             finally:
                 self.tape.paused = paused
+        return facs
+
+    def _packed_factors(
+        self, u: Any, gs: list[Tensor | None], packed: packing.Packed
+    ) -> dict[str, Factor]:
+        """A packed record's per-segment factors (:mod:`vcpo_optim.opob.packing`).
+
+        The rule runs on the token view (or the padded segments); a rule checked on
+        first use is also checked to be position-wise (its module's forward on the
+        token view equals its forward on the packed row). There is no fallback: a
+        rule that does not fit its module is refused whatever ``strict`` says.
+        """
+        mode = is_token_local(u.module)
+        assert mode is not None and u.rule  # packing.plan refused the others
+        args, kwargs, tgs = packing.token_inputs(u, gs, packed, mode)
+        packing.check_position_wise(u, packed, u.amp)
+        facs = apply_rule(u.module, u.name, args, kwargs, tgs, u.amp, self.cfg.strict)
+        if facs is None:  # strict=False: the rule does not fit, and there is no fallback here
+            raise ValueError(
+                f"OPOB: the per-sample rule for module '{u.name}' ({type(u.module).__name__}) "
+                "does not fit it (see rule_status), and the exact vmap fallback cannot handle "
+                "packed batches (cu_seqlens): register a token-local rule written for it, freeze "
+                "it, or run the batch unpacked. Nothing was changed."
+            )
+        if mode == "tokens":
+            facs = {k: packing.segment(f, packed.seg) for k, f in facs.items()}  # type: ignore[misc]
         return facs

@@ -37,12 +37,10 @@ recomputes the region, a forward pre-hook kept last among the module's
 pre-hooks (so that it sees the arguments the forward runs on) captures the
 input of the matching record (:meth:`Tape.begin_capture`).
 
-Extension points (not implemented yet):
-
-* packed batches (``cu_seqlens``): a record then holds ``[1, N, ...]`` tokens;
-  the rule's per-token factors are summed per segment (the sample) before the
-  engine, so :meth:`Tape.validate` checks the token count against
-  ``cu_seqlens[-1]`` instead of dimension 0 against ``B``.
+Packed batches (``cu_seqlens``): a record then holds ``[1, N, ...]`` or
+``[N, ...]`` tokens; :meth:`Tape.validate` skips its dimension-0 check and
+:func:`vcpo_optim.opob.packing.plan` checks the packed layout instead, from
+:attr:`Use.in_shape` (a deferred record has no input yet).
 """
 
 from __future__ import annotations
@@ -90,6 +88,7 @@ class Use:
     frame: Any = None  # weakref to the region's torch.utils.checkpoint frame
     ordinal: int = -1  # this call's place among the hooked calls of the region
     amp: Any = None  # autocast state of the call, for replays (rules.autocast_state)
+    in_shape: tuple[int, ...] | None = None  # of the first tensor input (packed layout check)
 
 
 def _detach(x: Any) -> Any:
@@ -467,6 +466,10 @@ class Tape:
             and not hasattr(edges[0].node, "variable")
             and recompute.saved_count(entry[0].frame) > entry[2]
         )
+        first_t = next(
+            (a for a in (*saved_args, *saved_kwargs.values()) if isinstance(a, Tensor)), None
+        )
+        in_shape = tuple(first_t.shape) if first_t is not None else None
         if defer:
             saved_args, saved_kwargs = (), {}
         versions = [
@@ -488,6 +491,7 @@ class Tape:
             versions,
         )
         u.amp = autocast_state(tensors[0] if tensors else outs[index[0]])
+        u.in_shape = in_shape
         if defer:
             assert entry is not None
             u.deferred, u.frame, u.ordinal = True, weakref.ref(entry[0].frame), entry[1]
@@ -496,14 +500,23 @@ class Tape:
 
     # ------------------------------------------------------------------ checks
 
-    def validate(self, b: int, require_records: bool = True, loss: Tensor | None = None) -> None:
+    def validate(
+        self,
+        b: int,
+        require_records: bool = True,
+        loss: Tensor | None = None,
+        packed: bool = False,
+    ) -> None:
         """Every record belongs to this batch of ``b`` samples and is unchanged since the forward.
 
         ``require_records``: an empty tape is an error (a rank without samples
         under a process group may have run no forward). ``loss``: a record of
         another batch size whose outputs never reach it is dropped, not refused
         (its output gradient is ``None``): PEFT's DoRA calls ``lora_A`` on
-        ``eye(in_features)`` and detaches the result.
+        ``eye(in_features)`` and detaches the result. ``packed``: the call is a
+        packed batch, whose records hold tokens, not samples (their layout is
+        checked, and records that miss the loss dropped, by
+        :func:`vcpo_optim.opob.packing.plan`).
         """
         if not self.uses and require_records:
             raise ValueError(
@@ -513,7 +526,7 @@ class Tape:
         reach: set[int] | None = None
         unused: set[int] = set()
         for u in self.uses:
-            if u.batch != b:
+            if u.batch != b and not packed:
                 if loss is not None and b > 0:
                     if reach is None:
                         reach = _reachable(loss)
@@ -547,12 +560,17 @@ class Tape:
                         "forward; use an out-of-place op after this module."
                     )
         if unused:
-            self.uses[:] = [u for u in self.uses if id(u) not in unused]
-            for key, u in list(self._deferred.items()):
-                if id(u) in unused:
-                    del self._deferred[key]
+            self.keep([u for u in self.uses if id(u) not in unused])
             if not self.uses and require_records:
                 raise ValueError("OPOB: no recorded module call reaches per_sample_loss")
+
+    def keep(self, uses: list[Use]) -> None:
+        """Keep only the records ``uses`` (the others never reach the loss)."""
+        ids = {id(u) for u in uses}
+        self.uses[:] = [u for u in self.uses if id(u) in ids]
+        for key, u in list(self._deferred.items()):
+            if id(u) not in ids:
+                del self._deferred[key]
 
     def audit(
         self,

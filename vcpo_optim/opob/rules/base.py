@@ -70,6 +70,7 @@ __all__ = [
     "RuleSpec",
     "Softmax",
     "get_rule",
+    "is_token_local",
     "register_rule",
     "register_structural_rule",
     "replaying",
@@ -165,13 +166,27 @@ class RuleSpec:
 
     ``verify``: check the rule against the module's forward on first use.
     ``kwargs``: the rule takes the call's keyword arguments as a fourth argument.
-    ``source``: where it came from, for messages.
+    ``source``: where it came from, for messages. ``token_local``: how a packed
+    record reaches the rule (``"tokens"`` or ``"padded"``), ``None`` if the
+    module is not token-local (see :func:`register_rule`).
     """
 
     fn: Rule
     verify: bool
     kwargs: bool
     source: str
+    token_local: str | None = None
+
+
+def _token_local_mode(token_local: bool | str) -> str | None:
+    """The :attr:`RuleSpec.token_local` of a registration's ``token_local`` argument."""
+    if token_local is False:
+        return None
+    if token_local is True:
+        return "tokens"
+    if token_local == "padded":
+        return "padded"
+    raise ValueError(f"OPOB: token_local must be False, True or 'padded', got {token_local!r}")
 
 
 @dataclass(frozen=True)
@@ -223,7 +238,9 @@ def _check_types(module_types: tuple[object, ...]) -> None:
             )
 
 
-def register_rule(*module_types: type[nn.Module], verify: bool = True) -> Callable[[Rule], Rule]:
+def register_rule(
+    *module_types: type[nn.Module], verify: bool = True, token_local: bool | str = False
+) -> Callable[[Rule], Rule]:
     """Register ``rule`` as the per-sample gradient rule for ``module_types`` (exact types).
 
     Like Opacus's ``register_grad_sampler``::
@@ -251,19 +268,37 @@ def register_rule(*module_types: type[nn.Module], verify: bool = True) -> Callab
             the fallback. ``False`` trusts the rule (for modules that cannot be
             replayed, e.g. with sharded ``DTensor`` parameters, or whose forward
             is random).
+        token_local: default ``False``. ``True`` declares the module
+            position-wise: each token of ``[B, T, ...]`` is mapped on its own and
+            the rule's per-sample gradients are sums over tokens (``nn.Linear``,
+            ``nn.Embedding``, norms over the feature dimensions). Only such
+            modules are accepted in packed batches (``OPOB.backward(...,
+            cu_seqlens=...)``), where the rule is called with every token as a
+            sample (``[N, 1, ...]``) and its factors are summed per segment
+            (:mod:`vcpo_optim.opob.packing`). ``"padded"``: token-local too, but
+            the rule is called on the segments zero-padded to ``[B, L_max, ...]``
+            (zero output gradient at the padding) and its factors are used as
+            they are: for rules whose factors are not :class:`Outer`,
+            :class:`Rows` or :class:`Dense`; costs a padded copy of the record's
+            inputs. A verified rule's module is also checked to be position-wise
+            on its first packed call.
 
     Raises:
         TypeError: a type that is not an ``nn.Module`` subclass, or a rule whose
             signature is not ``(module, inputs, grad_output[, kwargs])``.
+        ValueError: ``token_local`` not ``False``, ``True`` or ``"padded"``.
     """
     _check_types(module_types)
+    mode = _token_local_mode(token_local)
 
     def decorator(fn: Rule) -> Rule:
         kw = _takes_kwargs(fn, f"the rule registered for {module_types[0].__name__}")
         name = getattr(fn, "__name__", repr(fn))
         for t in module_types:
             RULES[t] = fn
-            _SPECS[t] = RuleSpec(fn, bool(verify), kw, f"rule {name!r} registered for {t.__name__}")
+            _SPECS[t] = RuleSpec(
+                fn, bool(verify), kw, f"rule {name!r} registered for {t.__name__}", mode
+            )
         _version[0] += 1
         return fn
 
@@ -271,7 +306,11 @@ def register_rule(*module_types: type[nn.Module], verify: bool = True) -> Callab
 
 
 def register_structural_rule(
-    match: Callable[[nn.Module], bool], rule: Rule, *, name: str | None = None
+    match: Callable[[nn.Module], bool],
+    rule: Rule,
+    *,
+    name: str | None = None,
+    token_local: bool | str = False,
 ) -> Rule:
     """Use ``rule`` for every module for which ``match(module)`` is true, checked on first use.
 
@@ -283,31 +322,40 @@ def register_structural_rule(
     look-alike with a different forward is refused or sent to the fallback, never
     silently wrong. Rules registered later are tried first; exact-type
     registrations (:func:`register_rule`) win over structural ones.
+    ``token_local``: as in :func:`register_rule`.
 
     Raises:
         TypeError: ``match`` not callable, or a rule with a bad signature.
+        ValueError: ``token_local`` not ``False``, ``True`` or ``"padded"``.
     """
     if not callable(match):
         raise TypeError(f"OPOB: match must be callable, got {type(match).__name__}")
     label = name or getattr(rule, "__name__", repr(rule))
     kw = _takes_kwargs(rule, f"structural rule {label!r}")
+    mode = _token_local_mode(token_local)
     STRUCTURAL_RULES.insert(
-        0, _Structural(match, RuleSpec(rule, True, kw, f"structural rule {label!r}"))
+        0, _Structural(match, RuleSpec(rule, True, kw, f"structural rule {label!r}", mode))
     )
     _version[0] += 1
     return rule
 
 
-def _builtin(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
+def _builtin(
+    *module_types: type[nn.Module], token_local: bool | str = False
+) -> Callable[[Rule], Rule]:
     """Register a built-in rule written for ``module_types``' own forward (trusted)."""
-    return register_rule(*module_types, verify=False)
+    return register_rule(*module_types, verify=False, token_local=token_local)
 
 
-def _builtin_structural(match: Callable[[nn.Module], bool], name: str) -> Callable[[Rule], Rule]:
+def _builtin_structural(
+    match: Callable[[nn.Module], bool], name: str, token_local: bool | str = False
+) -> Callable[[Rule], Rule]:
+    mode = _token_local_mode(token_local)
+
     def decorator(fn: Rule) -> Rule:
         kw = _takes_kwargs(fn, name)
         STRUCTURAL_RULES.append(
-            _Structural(match, RuleSpec(fn, True, kw, f"structural rule {name!r}"))
+            _Structural(match, RuleSpec(fn, True, kw, f"structural rule {name!r}", mode))
         )
         _version[0] += 1
         return fn
@@ -360,6 +408,7 @@ def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None
             f"{spec.source} (inherited by {cls.__name__}"
             + ("" if same_forward else ", which overrides forward")
             + ")",
+            spec.token_local,
         ), base
     return None, None
 
@@ -403,6 +452,13 @@ def structural_rules_disabled() -> Iterator[None]:
     finally:
         STRUCTURAL_RULES[:] = saved
         _version[0] += 1
+
+
+def is_token_local(module: nn.Module) -> str | None:
+    """How a packed record of ``module`` reaches its rule: ``"tokens"``, ``"padded"``, or
+    ``None`` (no rule, or not token-local: refused in packed batches)."""
+    spec = resolve_rule(module)
+    return None if spec is None else spec.token_local
 
 
 def get_rule(module: nn.Module) -> Rule | None:

@@ -61,7 +61,7 @@ def is_dora_magnitude(module: nn.Module) -> bool:
     )
 
 
-@_builtin_structural(is_dora_magnitude, "dora_magnitude")
+@_builtin_structural(is_dora_magnitude, "dora_magnitude", token_local=True)
 def dora_magnitude_rule(
     module: nn.Module,
     inputs: tuple[Tensor, ...],

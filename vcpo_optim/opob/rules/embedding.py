@@ -26,7 +26,7 @@ from .base import Factor, Rows, _builtin, _builtin_structural
 __all__ = ["embedding_rule", "is_scaled_embedding", "scaled_embedding_rule"]
 
 
-@_builtin(nn.Embedding)
+@_builtin(nn.Embedding, token_local=True)
 def embedding_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:
@@ -74,7 +74,7 @@ def is_scaled_embedding(module: nn.Module) -> bool:
     )
 
 
-@_builtin_structural(is_scaled_embedding, "scaled_embedding")
+@_builtin_structural(is_scaled_embedding, "scaled_embedding", token_local=True)
 def scaled_embedding_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

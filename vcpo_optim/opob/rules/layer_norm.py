@@ -18,7 +18,7 @@ def _acc(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-@_builtin(nn.LayerNorm)
+@_builtin(nn.LayerNorm, token_local=True)
 def layer_norm_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import Dense, Factor, Outer, _builtin
 
 
-@_builtin(nn.Linear)
+@_builtin(nn.Linear, token_local=True)
 def linear_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

@@ -91,7 +91,7 @@ _PER_LOGIT = 2 * _KAPPA
 # ----------------------------------------------------------------------------- the rule
 
 
-@register_rule(TokenLogProbs, verify=False)  # written for its forward
+@register_rule(TokenLogProbs, verify=False, token_local="padded")  # written for its forward
 def token_logprobs_rule(
     module: nn.Module, inputs: tuple[object, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

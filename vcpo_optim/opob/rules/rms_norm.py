@@ -77,8 +77,8 @@ def is_rms_norm_like(module: nn.Module) -> bool:
     return _one_tensor_forward(type(module).forward)
 
 
-@_builtin(nn.RMSNorm)
-@_builtin_structural(is_rms_norm_like, "rms_norm")
+@_builtin(nn.RMSNorm, token_local=True)
+@_builtin_structural(is_rms_norm_like, "rms_norm", token_local=True)
 def rms_norm_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:

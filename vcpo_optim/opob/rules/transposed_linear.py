@@ -32,7 +32,7 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return b is None or tuple(b.shape) == (nf,)
 
 
-@_builtin_structural(is_transposed_linear, "transposed_linear")
+@_builtin_structural(is_transposed_linear, "transposed_linear", token_local=True)
 def transposed_linear_rule(
     module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
 ) -> dict[str, Factor]:
