@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -25,37 +24,16 @@ pytest.importorskip(
 
 import _trl_setup as S
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 
 from vcpo_optim.integrations.trl import OPOBConfig, VCPOGRPOTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
 
-IS_CAP = 8.0
-
-
-class _GradRecorder(S.Recorder):
-    """``S.Recorder`` plus the gradient handed to the optimizer at each step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def grad_callback(self) -> Any:
-        rec = self
-
-        class _Grad(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-                rec.grads.append(
-                    {n: p.grad.detach().clone() for n, p in kw["model"].named_parameters()}
-                )
-
-        return _Grad()
-
 
 def _build(tmp_path, *, opob_config=None, reward=S.reward, **overrides) -> Any:
     overrides.setdefault("max_grad_norm", 0.0)  # the raw gradient reaches the optimizer
-    rec = _GradRecorder()
+    rec = S.GradRecorder()
     trainer = rec.install(VCPOGRPOTrainer)(
         model=S.model().double(),
         reward_funcs=reward,
@@ -68,114 +46,6 @@ def _build(tmp_path, *, opob_config=None, reward=S.reward, **overrides) -> Any:
     )
     trainer.remove_callback(PrinterCallback)
     return trainer, rec
-
-
-def _completion_logp(net: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """``[B, T]`` log-probs of the completion tokens by a plain forward of the micro-batch.
-
-    The micro-batch is run as the trainer runs it (one padded batch): Qwen2's
-    RMSNorm rounds to float32 even in a float64 model, so a different batch
-    shape could change the rounding by an ulp of float32.
-    """
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    t = batch["completion_ids"].shape[1]
-    logits = net(input_ids=ids, attention_mask=att).logits[:, -t - 1 : -1]
-    return torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
-
-
-def _net(params: dict[str, torch.Tensor]) -> Any:
-    net = S.model().double()
-    net.load_state_dict(params)
-    net.eval()  # the tiny model has no dropout; eval only skips the train-mode recording paths
-    return net
-
-
-def _oracle(rec, step, *, behaviour_step, loss_type, ga, spg, scope, norm_by_std, clip=None):
-    """Float64 per-sample oracle of the gradient of optimizer step ``step`` (single process).
-
-    Per completion: its surrogate term (TRL's aggregation of ``loss_type``, the
-    truncated importance weight from the parameters the batch was generated
-    with), one backward, its reward recomputed from the decoded text; then
-    ``n_i``, the baselines, ``1/std`` and the clip factors from those
-    gradients, all in float64.
-    """
-    net, old = _net(rec.params[step]), _net(rec.params[behaviour_step])
-    names = [n for n, _ in net.named_parameters()]
-    tok = S.tokenizer()
-    batches = rec.batches[step]
-    gen_tokens = sum(float(b["completion_mask"].sum()) for b in batches)  # spg == ga here
-    grads, rewards, groups, lws = [], [], [], []
-    for batch in batches:
-        mask = batch["completion_mask"].double()
-        b = mask.shape[0]
-        logps = _completion_logp(net, batch)
-        with torch.no_grad():
-            old_logps = _completion_logp(old, batch)
-        stored = batch.get("old_per_token_logps")
-        for i in range(b):
-            m, logp = mask[i], logps[i]
-            length = float(m.sum())
-            lw = float(((logp.detach() - old_logps[i]) * m).sum())
-            if stored is not None:
-                # TRL keeps the behaviour log-probs in float32: the weight the trainer must
-                # use is the one from those; they are the behaviour policy's to float32.
-                lw_trl = float(((logp.detach() - stored[i].double()) * m).sum())
-                assert abs(lw_trl - lw) < 1e-4 * max(1.0, abs(lw))
-                lw = lw_trl
-            else:
-                assert lw == 0.0  # on-policy: the same parameters
-            w = math.exp(min(lw, math.log(IS_CAP)))
-            if loss_type == "grpo":
-                denom = max(length, 1.0) * b * ga
-            elif loss_type == "bnpo":
-                denom = max(float(mask.sum()), 1.0) * ga
-            elif loss_type == "dr_grpo":
-                denom = b * 8 * ga  # max_completion_length = 8
-            else:  # dapo: num_items_in_batch (the generation batch's tokens) * ga / spg
-                denom = gen_tokens * ga / spg
-            l_i = -w * (logp * m).sum() / denom
-            # one backward per completion
-            g = torch.autograd.grad(
-                l_i, list(net.parameters()), allow_unused=True, retain_graph=True
-            )
-            grads.append(
-                torch.cat(
-                    [
-                        (x if x is not None else torch.zeros_like(p)).flatten()
-                        for x, p in zip(g, net.parameters())
-                    ]
-                )
-            )
-            ids = batch["completion_ids"][i][batch["completion_mask"][i].bool()]
-            text = tok.decode(ids, skip_special_tokens=True)
-            rewards.append(S.reward([text])[0])
-            groups.append(int(batch["vcpo_groups"][i]))
-            lws.append(lw)
-    g = torch.stack(grads)  # [N, P]
-    r = torch.tensor(rewards, dtype=torch.float64)
-    gid = torch.tensor(groups) if scope == "group" else torch.zeros(len(groups), dtype=torch.long)
-    n = (g * g).sum(1)
-    c = torch.empty_like(r)
-    for s in gid.unique():
-        sel = gid == s
-        ns, rs = n[sel], r[sel]
-        base = (ns * rs).sum() / ns.sum()
-        k = 1.0
-        if norm_by_std:
-            std = rs.std(unbiased=False)
-            k = 0.0 if float(std) == 0.0 else 1.0 / std
-        c[sel] = (rs - base) * k
-    f = torch.ones_like(c)
-    if clip is not None:
-        f = torch.where(c == 0, f, torch.clamp(clip / (c.abs() * n.sqrt()), max=1.0))
-        c = c * f
-    flat = (c[:, None] * g).sum(0)
-    out, offset = {}, 0
-    for name, p in zip(names, net.parameters()):
-        out[name] = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return out, r, torch.tensor(lws, dtype=torch.float64), f
 
 
 CASES = {
@@ -221,10 +91,10 @@ def test_gradient_matches_per_sample_oracle(tmp_path, case):
                 }
                 assert len(rows) == 1
         behaviour = step - step % iters
-        expected, rewards, lw, factors = _oracle(
-            rec,
-            step,
-            behaviour_step=behaviour,
+        expected, rewards, lw, factors = S.opob_oracle(
+            rec.params[step],
+            rec.params[behaviour],
+            [rec.batches[step]],
             loss_type=loss_type,
             ga=ga,
             spg=ga,
