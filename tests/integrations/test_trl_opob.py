@@ -54,6 +54,8 @@ CASES = {
     "dapo-group-accumulation": ("dapo", "group", "none", 2, 2, 2, 1, None),
     "bnpo-batch-accumulation": ("bnpo", "batch", "batch", 2, 4, 2, 1, None),
     "dr_grpo-group-clipped": ("dr_grpo", "group", "group", 4, 4, 1, 2, 0.02),
+    # transformers' (non-reentrant) activation checkpointing: OPOB's two-pass path
+    "grpo-group-checkpointing": ("grpo", "group", "group", 4, 2, 2, 1, None),
 }
 
 
@@ -73,8 +75,10 @@ def test_gradient_matches_per_sample_oracle(tmp_path, case):
         gradient_accumulation_steps=ga,
         num_iterations=iters,
         max_steps=2,
+        gradient_checkpointing=case.endswith("checkpointing"),
     )
     trainer.train()
+    assert trainer.model.is_gradient_checkpointing == case.endswith("checkpointing")
     assert len(rec.grads) == 2 and all(len(x) == ga for x in rec.batches)
     logs = S.vcpo_logs(trainer)
     clipped = 0
