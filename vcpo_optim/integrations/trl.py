@@ -43,6 +43,17 @@ What the subclass does, and nothing else:
    first param group) and ``vcpo/n`` (the number of weights in the step), and
    adds their mean over the logging interval to the Trainer's logs.
 
+4. **OPOB (opt-in).** ``VCPOGRPOTrainer(..., use_opob=True, opob_config={...})``
+   trains each micro-batch with VCPO's importance-weighted score surrogate
+   and :class:`~vcpo_optim.OPOB`'s variance-optimal baseline instead of TRL's
+   clipped loss (the math, and how it differs from TRL's loss, in
+   :class:`OPOBConfig`): the rewards (TRL's weighted sum, before its
+   normalisation) and the prompt-group ids ride in the micro-batch dict,
+   each generation batch is reordered so that micro-batches hold whole
+   groups, and ``opob.backward`` replaces the backward (DDP's own reducer
+   is kept off; OPOB all-reduces). ESS scaling is unchanged. Settings the
+   surrogate would silently ignore are refused at construction.
+
 On-policy configurations -- ``gradient_accumulation_steps`` a multiple of
 ``steps_per_generation * num_iterations`` (TRL's defaults: ``num_iterations=1``,
 ``steps_per_generation = gradient_accumulation_steps``) and no vLLM -- have
@@ -50,7 +61,7 @@ every :math:`\log w_i = 0`, so the ESS ratio is exactly 1 and training is
 bitwise plain ``GRPOTrainer``.
 
 Tested with TRL 1.16.0, transformers 5.24.0, accelerate 1.15.0 (CPU, single
-process and 2-rank DDP). It relies on one private method of TRL and on the
+process and 2-rank DDP). It relies on private methods of TRL and on the
 keys of its micro-batch dict, see :class:`VCPOGRPOTrainer`.
 """
 
@@ -141,8 +152,8 @@ class OPOBConfig:
 
     .. math::
 
-        \tilde l_i = -\,\frac{w_i}{D} \sum_t m_{i,t}\, \kappa_i \log\pi_\theta(y_{i,t}),
-        \qquad w_i = \mathrm{IS}(\log w_i)\ \text{(detached)},
+        \tilde l_i = -\,\frac{\omega_i}{D} \sum_t m_{i,t}\, \kappa_i \log\pi_\theta(y_{i,t}),
+        \qquad \omega_i = \mathrm{IS}(\log w_i)\ \text{(detached)},
 
     and calls ``opob.backward(l, rewards, groups)``, which writes
     :math:`\sum_i c_i \nabla\tilde l_i` into ``.grad`` with
@@ -150,11 +161,13 @@ class OPOBConfig:
     :math:`b^*_s = \sum_{i\in s} n_i R_i / \sum_{i\in s} n_i`,
     :math:`n_i = \lVert\nabla\tilde l_i\rVert^2`. Here :math:`m` is TRL's
     completion mask (times the tool mask), :math:`\log w_i` the sequence log
-    weight the ESS uses (module docstring), :math:`R_i` TRL's weighted sum of
-    the reward functions (before any normalisation), and :math:`\kappa_i`, :math:`D`
-    TRL's own aggregation of ``loss_type``, so that
+    weight the ESS uses (module docstring), :math:`\mathrm{IS}` the
+    ``is_mode`` of :func:`~vcpo_optim.losses.importance_weights` (default
+    :math:`\min(w_i, 8)`), :math:`R_i` TRL's weighted sum of the reward
+    functions (before any normalisation; float64), and :math:`\kappa_i`,
+    :math:`D` TRL's own aggregation of ``loss_type``, so that
     :math:`\sum_i \tilde l_i` is TRL's micro-batch loss with the clipped
-    ratio replaced by :math:`w_i \log\pi` and the advantage by 1:
+    ratio term replaced by :math:`\omega_i \log\pi` and the advantage by 1:
 
     ==========  ==============================  ==================================================
     loss_type   :math:`\kappa_i`                :math:`D` (per micro-batch)
@@ -174,6 +187,47 @@ class OPOBConfig:
     ``True`` with ``scope="batch"`` (OPOB's :math:`k_s = 1/\mathrm{std}_s(R)`
     is the population std of the scope's rewards, no epsilon; a scope with
     equal rewards gets :math:`c_i = 0`).
+
+    **Against TRL's loss.** TRL's per-token term is
+    :math:`-\min(r_{i,t} A_i, \mathrm{clip}(r_{i,t}, 1-\epsilon, 1+\epsilon_h) A_i)`
+    with the token ratio :math:`r_{i,t} = \pi_\theta/\pi_\mathrm{old}` and
+    the normalised advantage :math:`A_i`. Its gradient is
+    :math:`-A_i r_{i,t}\nabla\log\pi_\theta(y_{i,t})` where the clip is
+    inactive and 0 where it is. The surrogate's gradient is
+    :math:`-c_i\,\omega_i\nabla\log\pi_\theta(y_{i,t})`: one detached
+    *sequence* weight instead of per-token ratios, truncated (``is_cap``)
+    instead of clipped (no token is ever dropped), and OPOB's
+    :math:`c_i` instead of :math:`A_i` (TRL's :math:`A_i` uses the plain
+    group mean and the unbiased std + 1e-4). On-policy
+    (:math:`\omega_i = 1`, no clip active) with ``scale_rewards="none"`` the
+    two differ only by the baseline (:math:`b^*` weights by :math:`n_i`).
+    ``epsilon``, ``epsilon_high``, ``delta`` are not used (non-default values
+    are refused).
+
+    **Groups.** With ``scope="group"`` every prompt group must be complete
+    in one ``opob.backward`` call (over all ranks). TRL shuffles each
+    generation batch and splits it into ``steps_per_generation``
+    micro-batches, which splits groups; the trainer reorders it by group
+    (whole groups, in the order TRL's shuffle met them) before the split.
+    That is exact when ``per_device_train_batch_size`` is a multiple of
+    ``num_generations``, or when ``steps_per_generation == 1`` (one
+    micro-batch per generation; a group may then span ranks, which OPOB
+    allows). Other layouts, and ``num_iterations > 1`` with
+    ``gradient_accumulation_steps > steps_per_generation`` (the same groups
+    twice in one step), are refused at construction; ``scope="batch"``
+    takes any layout.
+
+    **Refused** (``ValueError`` at construction, before TRL loads anything
+    when ``args`` is given): ``loss_type`` other than the four above;
+    ``importance_sampling_level="sequence"``; non-default ``epsilon`` /
+    ``epsilon_high``, ``delta``; ``beta != 0``; ``top_entropy_quantile < 1``;
+    ``entropy_coef`` / ``use_adaptive_entropy``; ``off_policy_mask_threshold``;
+    ``use_vllm``; ``use_liger_kernel``; ``cast_lm_head_to_fp32``;
+    ``multi_objective_aggregation="normalize_then_sum"``; ``scale_rewards``
+    that is neither ``"none"`` nor the scope; ``fp16``; DataParallel;
+    FSDP; a MoE router auxiliary loss; multimodal inputs (at the first
+    micro-batch); and, during training, a completion that no reward function
+    scored (TRL gives it advantage 0, which a baseline cannot express).
 
     Attributes:
         scope: ``"group"`` (default; one baseline per prompt group, the
@@ -463,6 +517,16 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
             ``ess_power``, ``process_group``). Default ``None``: the
             defaults (``base_ess_ratio=1.0``: any ESS below B shrinks the
             step; sqrt rule for AdamW).
+        use_opob: default ``False``. ``True``: train with VCPO's surrogate and
+            OPOB (see :class:`OPOBConfig` for the math, the group
+            requirement and what is refused). OPOB is attached to
+            ``self.model`` at the first training micro-batch
+            (:attr:`opob`).
+        opob_config: :class:`OPOBConfig` or a dict of its fields (``scope``,
+            ``agg``, ``winsor_q``, ``is_mode``, ``is_cap``,
+            ``max_sample_grad_norm``, ``strict``, ``checkpointing``); only
+            with ``use_opob=True``. ``norm_by_std`` is not a field: it
+            follows ``GRPOConfig.scale_rewards``.
 
     The optimizer:
 
@@ -494,7 +558,18 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
     the log-probs ``_compute_loss`` computes; its first argument is the
     model, its first output the ``[B, T]`` log-probs), and the keys
     ``completion_mask``, ``tool_mask``, ``old_per_token_logps`` and
-    ``sampling_per_token_logps`` of the micro-batch dict. Public API used:
+    ``sampling_per_token_logps`` of the micro-batch dict. With ``use_opob``
+    also: ``_generate_and_score_completions`` (extended: two more keys),
+    ``_calculate_rewards`` (wrapped, to read the gathered ``[N, F]`` rewards
+    per function), ``_prepare_inputs`` with the attributes
+    ``_buffered_inputs`` and ``_step`` (the buffered micro-batches are
+    reordered by group), the keys ``prompt_ids``, ``prompt_mask``,
+    ``completion_ids``, ``num_items_in_batch``, and the attributes
+    ``reward_weights``, ``num_generations``, ``temperature``,
+    ``loss_type``, ``scale_rewards``, ``aux_loss_enabled``; the policy's
+    log-probs come from the model's own forward (``logits_to_keep``), not
+    from TRL's fused LM head, which reads ``lm_head.weight`` outside the
+    module. Public API used:
     ``Trainer.create_optimizer``, ``get_optimizer_cls_and_kwargs``,
     ``optimizer_cls_and_kwargs``, ``compute_loss``, ``log``,
     ``add_callback``, ``TrainerCallback.on_optimizer_step``,
