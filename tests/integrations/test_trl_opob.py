@@ -198,6 +198,15 @@ def test_opob_config_validation(tmp_path):
         _construct(tmp_path, opob_config={"norm_by_std": True})
     with pytest.raises(TypeError):
         _construct(tmp_path, opob_config={"no_such_option": 1})
+    with pytest.raises(ValueError, match="max_sample_grad_norm with scope='batch'"):
+        _construct(
+            tmp_path,
+            opob_config={"scope": "batch", "max_sample_grad_norm": 1.0},
+            scale_rewards="none",
+            per_device_train_batch_size=2,
+            num_generations=2,
+            gradient_accumulation_steps=2,
+        )
     with pytest.raises(TypeError, match="opob_config must be"):
         _construct(tmp_path, opob_config=0.5)
     for bad in (

@@ -244,7 +244,8 @@ class OPOBConfig:
             bounds :math:`\lVert f_i c_i \nabla\tilde l_i\rVert \le C` for the
             scaled :math:`\tilde l_i` above (this rank's contribution, before
             the ``1/world`` of ``grad_reduction="mean"``). With ``scope="batch"``
-            it needs one micro-batch per optimizer step.
+            it needs one micro-batch per optimizer step (refused with
+            ``gradient_accumulation_steps > 1``).
         strict: default ``True``: a model layer without a per-sample rule is
             an error (``False``: the exact but slow vmap fallback).
         checkpointing: OPOB's activation-checkpointing mode, ``"auto"``
@@ -837,8 +838,6 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
         if inputs.get("tool_mask") is not None:
             mask = mask * inputs["tool_mask"]
         log_weights, live = sequence_log_weights(logp, inputs)
-        if bool(live.any()):
-            optimizer.observe(log_weights=log_weights, mask=live)
         w = importance_weights(log_weights, cfg.is_mode, cfg.is_cap)
         loss = per_sample_pg_loss(logp, mask, weights=w, agg=_AGG[self.loss_type])
         loss = loss * self._vcpo_loss_factor(inputs, mask)
@@ -847,6 +846,9 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
             inputs["vcpo_rewards"],
             inputs["vcpo_groups"] if cfg.scope == "group" else None,
         )
+        # Observed once OPOB accepted the micro-batch: a refused one leaves the optimizer as it was.
+        if bool(live.any()):
+            optimizer.observe(log_weights=log_weights, mask=live)
         value = (res.coefficients.detach().to(loss.dtype) * loss.detach()).sum()
         return value.detach().requires_grad_()
 
@@ -940,6 +942,16 @@ def _opob_refusals(args: Any, cfg: OPOBConfig) -> list[str]:
         bad.append(
             f"scale_rewards={args.scale_rewards!r} with opob_config scope={cfg.scope!r} (OPOB "
             "divides by the std of its own scope: set scale_rewards to 'none' or to the scope)"
+        )
+    if (
+        cfg.scope == "batch"
+        and cfg.max_sample_grad_norm is not None
+        and args.gradient_accumulation_steps > 1
+    ):
+        bad.append(
+            "opob_config max_sample_grad_norm with scope='batch' and gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps} (an earlier micro-batch's clip factors would "
+            "depend on the step's final baseline; use scope='group' or no accumulation)"
         )
     if args.fp16:
         bad.append("fp16=True (GradScaler is not supported here; use bf16)")
