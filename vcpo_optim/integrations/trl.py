@@ -825,22 +825,28 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
         t = completion_ids.shape[1]
         # The model's own forward (not TRL's fused head, which reads lm_head.weight outside
         # the module): logits of the t + 1 last positions, the last one dropped.
-        with self.accelerator.autocast():
-            out = model(
-                input_ids=ids, attention_mask=attention, logits_to_keep=t + 1, use_cache=False
+        try:
+            with self.accelerator.autocast():
+                out = model(
+                    input_ids=ids, attention_mask=attention, logits_to_keep=t + 1, use_cache=False
+                )
+            logits = out.logits[:, :-1]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature
+            logp = (
+                torch.log_softmax(logits, dim=-1)
+                .gather(-1, completion_ids.unsqueeze(-1))
+                .squeeze(-1)
             )
-        logits = out.logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature
-        logp = (
-            torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        )
-        mask = inputs["completion_mask"]
-        if inputs.get("tool_mask") is not None:
-            mask = mask * inputs["tool_mask"]
-        log_weights, live = sequence_log_weights(logp, inputs)
-        w = importance_weights(log_weights, cfg.is_mode, cfg.is_cap)
-        loss = per_sample_pg_loss(logp, mask, weights=w, agg=_AGG[self.loss_type])
-        loss = loss * self._vcpo_loss_factor(inputs, mask)
+            mask = inputs["completion_mask"]
+            if inputs.get("tool_mask") is not None:
+                mask = mask * inputs["tool_mask"]
+            log_weights, live = sequence_log_weights(logp, inputs)
+            w = importance_weights(log_weights, cfg.is_mode, cfg.is_cap)
+            loss = per_sample_pg_loss(logp, mask, weights=w, agg=_AGG[self.loss_type])
+            loss = loss * self._vcpo_loss_factor(inputs, mask)
+        except BaseException:
+            opob.clear()  # drop the recorded forward: nothing reaches .grad
+            raise
         res = opob.backward(
             loss,
             inputs["vcpo_rewards"],
