@@ -227,9 +227,9 @@ class GradRecorder(Recorder):
 
         class _Grad(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-                rec.grads.append(
-                    {n: p.grad.detach().clone() for n, p in kw["model"].named_parameters()}
-                )
+                model = kw["model"]
+                grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+                rec.grads.append({n: g.detach().clone() for n, g in grads.items()})
 
         return _Grad()
 
@@ -248,8 +248,12 @@ def completion_logp(net: Any, batch: dict[str, Any]) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"][..., None])[..., 0]
 
 
-def oracle_net(params: dict[str, torch.Tensor]) -> Any:
+def oracle_net(params: dict[str, torch.Tensor], peft_config: Any = None) -> Any:
     net = model().double()
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        net = get_peft_model(net, peft_config)
     net.load_state_dict(params)
     net.eval()  # the tiny model has no dropout; eval only skips the train-mode recording paths
     return net
@@ -266,6 +270,7 @@ def opob_oracle(
     scope: str,
     norm_by_std: bool,
     clip: float | None = None,
+    peft_config: Any = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 per-sample oracle of the gradient of one optimizer step of ``use_opob``.
 
@@ -280,8 +285,10 @@ def opob_oracle(
     ``n_i``, the baselines, ``1/std`` and the clip factors from those
     gradients, all in float64.
     """
-    net, old = oracle_net(params), oracle_net(behaviour)
-    names = [n for n, _ in net.named_parameters()]
+    net, old = oracle_net(params, peft_config), oracle_net(behaviour, peft_config)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    trainable = [p for _, p in named]
     tok = tokenizer()
     world = len(rank_batches)
     batches = [b for rank in rank_batches for b in rank]
@@ -317,14 +324,12 @@ def opob_oracle(
                 denom = gen_tokens / world * ga / spg
             l_i = -w * (logp * m).sum() / denom
             # one backward per completion
-            g = torch.autograd.grad(
-                l_i, list(net.parameters()), allow_unused=True, retain_graph=True
-            )
+            g = torch.autograd.grad(l_i, trainable, allow_unused=True, retain_graph=True)
             grads.append(
                 torch.cat(
                     [
                         (x if x is not None else torch.zeros_like(p)).flatten()
-                        for x, p in zip(g, net.parameters())
+                        for x, p in zip(g, trainable)
                     ]
                 )
             )
@@ -353,7 +358,7 @@ def opob_oracle(
         c = c * f
     flat = (c[:, None] * g).sum(0) / world  # DDP's averaging convention
     out, offset = {}, 0
-    for name, p in zip(names, net.parameters()):
+    for name, p in zip(names, trainable):
         out[name] = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     return out, r, torch.tensor(lws, dtype=torch.float64), f
