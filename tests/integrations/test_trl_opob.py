@@ -6,7 +6,9 @@
   with, the reward recomputed from the decoded text), combined with
   ``(R_i - b*)`` (and ``1/std``, clipping) computed from those per-sample
   gradients; for every supported ``loss_type``, both scopes, gradient
-  accumulation (groups kept whole across TRL's shuffle) and off-policy steps.
+  accumulation (groups kept whole across TRL's shuffle), off-policy steps,
+  per-trajectory clipping, activation checkpointing and LoRA. (2-rank DDP:
+  test_trl_dist.py.)
 - The logged ESS is still the float64 ESS of the step.
 - Every setting the surrogate would silently ignore, and group layouts that
   would split a group, are refused before training.
