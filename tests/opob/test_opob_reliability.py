@@ -14,7 +14,14 @@ import warnings
 
 import pytest
 import torch
-from opob_oracle import MLP, assert_one_call_matches_oracle, oracle, proj_loss, rel_err
+from opob_oracle import (
+    MLP,
+    assert_one_call_matches_oracle,
+    oracle,
+    proj_loss,
+    ref_coefficients,
+    rel_err,
+)
 from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.optim import optimizer as torch_optimizer
@@ -448,3 +455,35 @@ def test_group_scope_in_place_zeroing_starts_a_new_step():
         opob.backward(proj_loss(x)(model), torch.randn(4, dtype=DT), g)
         model.zero_grad(set_to_none=False)
         opob.backward(proj_loss(x)(model), torch.randn(4, dtype=DT), g)
+
+
+# ----------------------------------------------------------------------------- reward dtype
+
+
+@pytest.mark.parametrize("agg", ["mean", "median"])
+@pytest.mark.parametrize("scope", ["group", "batch"])
+@pytest.mark.parametrize("norm_by_std", [False, True])
+def test_float32_rewards_in_a_float64_model_give_float64_baselines(agg, scope, norm_by_std):
+    """Rewards of a lower precision than the model are taken as exact values, not rounded into.
+
+    The baselines and coefficients of a float64 model are float64 (as documented),
+    whatever the rewards' dtype: float32 rewards used to pull them down to float32.
+    """
+    torch.manual_seed(0)
+    model = MLP().to(DT)
+    x = torch.randn(8, 7, dtype=DT)
+    r32 = (torch.randn(8) * 3 + 0.1).to(torch.float32)
+    groups = [0, 0, 0, 1, 1, 1, 1, 2]
+    scopes = groups if scope == "group" else [0] * 8
+    ref_n, _, _, ref_g = oracle(model, proj_loss(x), r32.to(DT), scopes)
+    ref_b, ref_c = ref_coefficients(
+        ref_n.tolist(), r32.to(DT).tolist(), scopes, agg=agg, norm_by_std=norm_by_std
+    )
+    model.zero_grad(set_to_none=True)
+    with OPOB(model, scope=scope, agg=agg, norm_by_std=norm_by_std) as opob:
+        res = opob.backward(proj_loss(x)(model), r32, torch.tensor(groups))
+    assert res.baselines.dtype == DT and res.coefficients.dtype == DT
+    assert rel_err(res.baselines, torch.tensor(ref_b, dtype=DT)) < 1e-12
+    assert rel_err(res.coefficients, torch.tensor(ref_c, dtype=DT)) < 1e-12
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_g[n]) < 1e-10, n
