@@ -475,7 +475,9 @@ def test_float32_rewards_in_a_float64_model_give_float64_baselines(agg, scope, n
     r32 = (torch.randn(8) * 3 + 0.1).to(torch.float32)
     groups = [0, 0, 0, 1, 1, 1, 1, 2]
     scopes = groups if scope == "group" else [0] * 8
-    ref_n, _, _, ref_g = oracle(model, proj_loss(x), r32.to(DT), scopes)
+    ref_n, _, _, ref_g = oracle(
+        model, proj_loss(x), r32.to(DT), scopes, agg=agg, norm_by_std=norm_by_std
+    )
     ref_b, ref_c = ref_coefficients(
         ref_n.tolist(), r32.to(DT).tolist(), scopes, agg=agg, norm_by_std=norm_by_std
     )
