@@ -146,6 +146,7 @@ CASES = {
     "group-packed-tis": ("group", True, 2, True, "tis", 1.5, "token-mean"),
     "batch-padded-is-4calls": ("batch", False, 1, False, "is", 8.0, "seq-mean-token-mean"),
     "batch-packed-none": ("batch", True, 2, False, "none", 8.0, "token-mean"),
+    "group-padded-2groups-1call": ("group", False, 4, False, "tis", 1.5, "seq-mean-token-mean"),
 }
 
 
