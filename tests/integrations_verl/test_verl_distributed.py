@@ -82,7 +82,7 @@ OPOB_GROUP = [
 ]
 
 
-def _opob_step(rows: list[int], micro_batch_size: int) -> dict:
+def _opob_step(rows: list[int], micro_batch_size: int, nan_on_rank: int | None = None) -> dict:
     """One OPOB step of the README's OPOB lines on this rank's ``rows`` of the 4-sequence batch."""
     import test_verl_opob as T
     import torch.distributed as dist
@@ -92,6 +92,8 @@ def _opob_step(rows: list[int], micro_batch_size: int) -> dict:
     actor = S.build_actor(cfg, micro_batch_size=micro_batch_size)
     tensors, _ = T._tensors(model_dir)
     mine = {k: v[rows] for k, v in tensors.items()}
+    if nan_on_rank == dist.get_rank():
+        mine["old_log_probs"][0, 0] = float("nan")  # inside the response mask
     td = S.to_engine_batch(mine, actor.engine, global_batch_size=4)
     from tensordict.tensorclass import NonTensorData, NonTensorStack
 
@@ -125,10 +127,18 @@ def _opob_group_split_over_calls() -> dict:
     return _opob_step([0, 1] if dist.get_rank() == 0 else [2, 3], micro_batch_size=1)
 
 
+def _opob_nan_on_one_rank() -> dict:
+    """A NaN behaviour log-prob on rank 1 only: both ranks must raise, neither may hang."""
+    import torch.distributed as dist
+
+    return _opob_step([0, 2] if dist.get_rank() == 0 else [1, 3], 2, nan_on_rank=1)
+
+
 SCENARIOS = {
     "one_step": _one_step,
     "opob_groups_across_ranks": _opob_groups_across_ranks,
     "opob_group_split_over_calls": _opob_group_split_over_calls,
+    "opob_nan_on_one_rank": _opob_nan_on_one_rank,
 }
 
 
@@ -201,6 +211,15 @@ def test_opob_group_split_over_calls_refused_on_every_rank(res) -> None:
         assert "prompt group" in e["message"] and f"unchanged=True, rank={rank}" in e["message"]
     # the same refusal on both ranks (up to the rank tag)
     assert errs[0]["message"].split(" [")[0] == errs[1]["message"].split(" [")[0]
+
+
+def test_opob_failure_on_one_rank_is_raised_on_every_rank(res) -> None:
+    results, _ = res
+    for rank in range(2):
+        e = results[rank]["opob_nan_on_one_rank"]
+        assert not e["ok"] and e["type"] == "ValueError", e
+        assert "failed on rank(s) 1:" in e["message"] and "log_weights" in e["message"]
+        assert f"unchanged=True, rank={rank}" in e["message"]
 
 
 if __name__ == "__main__":

@@ -236,6 +236,16 @@ def test_opob_step_matches_the_per_sequence_oracle(model_dir: Path, case: str) -
     assert float(want.norm()) > 0
     assert float((got - want).norm()) <= tol * float(want.norm())
     assert out["metrics"]["grad_norm"] == pytest.approx(float(want.norm()), rel=tol)
+    # OPOB's own metrics next to verl's
+    got_m = {k: v.aggregate() for k, v in out["metrics"].items() if k.startswith("vcpo/opob/")}
+    assert got_m == pytest.approx(
+        {
+            "vcpo/opob/calls": float(4 // mbs),
+            "vcpo/opob/baseline": float(torch.cat([r.baselines for r in results]).double().mean()),
+            "vcpo/opob/sq_norm": float(sq.mean()),
+        },
+        rel=1e-12,
+    )
     # the ESS step scaling still observed every sequence
     assert opt.last_stats.observed and int(opt.last_stats.n) == 4
 

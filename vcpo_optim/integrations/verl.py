@@ -129,6 +129,7 @@ __all__ = [
     "VerlIntegrationError",
     "behaviour_key",
     "install",
+    "opob_metrics",
     "opob_refusals",
     "opob_surrogate",
     "sequence_log_weights",
@@ -439,8 +440,11 @@ def opob_refusals(engine: Any, data: Any, loss_function: Any, settings: OPOBSett
     if getattr(engine, "scaler", None) is not None:
         why.append("fp16 with a GradScaler; use bf16 or fp32 mixed precision")
     ec = engine.engine_config
-    if getattr(ec, "offload_policy", False):
-        why.append("fsdp_config.offload_policy=True (FSDP2 CPU offload) is untested with OPOB")
+    if getattr(ec, "offload_policy", False) or getattr(ec, "param_offload", False):
+        why.append(
+            "fsdp_config.offload_policy / param_offload (parameters on the CPU between steps) "
+            "are untested with OPOB"
+        )
     if getattr(engine.model_config, "lora_rank", 0):
         why.append("LoRA (model.lora_rank > 0) is untested with OPOB in verl")
     config = _loss_config(loss_function)
@@ -599,19 +603,23 @@ class _OPOBLoss(_ObservingLoss):
         opt = self.optimizer
         settings = opt.vcpo_opob
         assert settings is not None
-        self._observe(model_output, data)
-        log_probs = model_output["log_probs"]
-        lw, _ = sequence_log_weights(log_probs, data)
-        weights = importance_weights(lw, settings.is_mode, settings.is_cap)
-        loss, rewards = opob_surrogate(log_probs, data, self.config, weights)
-        groups = None
-        if settings.scope == "group":
-            uids = [str(u) for u in data["uid"]]
-            self._check_groups(uids, settings.group_size)
-            groups = _group_ids(uids).to(loss.device)
-        cu = None
-        if _tu.get_non_tensor_data(data=data, key="use_remove_padding", default=True):
-            cu = data["input_ids"].offsets().to(device=loss.device, dtype=torch.long)
+        failure: BaseException | None = None
+        uids: list[str] = []
+        try:
+            self._observe(model_output, data)
+            log_probs = model_output["log_probs"]
+            lw, _ = sequence_log_weights(log_probs, data)
+            weights = importance_weights(lw, settings.is_mode, settings.is_cap)
+            loss, rewards = opob_surrogate(log_probs, data, self.config, weights)
+            if settings.scope == "group":
+                uids = [str(u) for u in data["uid"]]
+            cu = None
+            if _tu.get_non_tensor_data(data=data, key="use_remove_padding", default=True):
+                cu = data["input_ids"].offsets().to(device=loss.device, dtype=torch.long)
+        except Exception as exc:  # agreed on below, so that no rank waits for another
+            failure = exc
+        self._agree(uids, failure, settings)
+        groups = _group_ids(uids).to(loss.device) if settings.scope == "group" else None
         opob = self.opob
 
         def run() -> None:
@@ -620,26 +628,48 @@ class _OPOBLoss(_ObservingLoss):
 
         return _OPOBBackward(run, loss.detach().sum()), {}
 
-    def _check_groups(self, uids: list[Any], size: int | None) -> None:
-        counts = Counter(str(u) for u in uids)
+    def _agree(self, uids: list[str], failure: BaseException | None, s: OPOBSettings) -> None:
+        """One exchange over the data-parallel group before ``opob.backward``'s collectives.
+
+        Every rank learns whether any rank failed to build its surrogate and, with
+        ``scope="group"``, the global number of responses of each prompt group of
+        this call; all ranks then raise the same error (or none).
+        """
         group = (
             self.engine.get_data_parallel_group() if torch.distributed.is_initialized() else None
         )
         world = torch.distributed.get_world_size(group) if group is not None else 1
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, dict(counts), group=group)
-            counts = Counter()
-            for c in gathered:
-                counts.update(c)
-        bad = sorted((u, n) for u, n in counts.items() if n != size)
+        if world == 1:
+            if failure is not None:
+                raise failure
+            rows: list[Any] = [(Counter(uids), None)]
+        else:
+            mine = (
+                Counter(uids),
+                None if failure is None else f"{type(failure).__name__}: {failure}",
+            )
+            rows = [None] * world
+            torch.distributed.all_gather_object(rows, mine, group=group)
+        failed = [(r, why) for r, (_, why) in enumerate(rows) if why is not None]
+        if failed:
+            raise ValueError(
+                "OPOB mode: building the per-sample surrogate failed on rank(s) "
+                + "; ".join(f"{r}: {why}" for r, why in failed)
+                + ". Nothing was changed in this call."
+            ) from failure
+        if s.scope != "group":
+            return
+        counts: Counter[str] = Counter()
+        for c, _ in rows:
+            counts.update(c)
+        bad = sorted((u, n) for u, n in counts.items() if n != s.group_size)
         if bad:
             shown = ", ".join(f"{u!r}: {n}" for u, n in bad[:4])
             raise ValueError(
-                f"OPOB mode (opob=group, opob_group_size={size}): this micro-batch call holds "
-                f"{len(bad)} prompt group(s) with another number of responses over all ranks "
-                f"({shown}{', ...' if len(bad) > 4 else ''}). Each group must be complete in one "
-                "call: use micro-batches (and mini-batches) that hold whole groups, "
+                f"OPOB mode (opob=group, opob_group_size={s.group_size}): this micro-batch call "
+                f"holds {len(bad)} prompt group(s) with another number of responses over all "
+                f"ranks ({shown}{', ...' if len(bad) > 4 else ''}). Each group must be complete "
+                "in one call: use micro-batches (and mini-batches) that hold whole groups, "
                 "use_dynamic_bsz=False and trainer.balance_batch=False, or opob=batch. "
                 "Nothing was changed in this call."
             )
@@ -716,6 +746,14 @@ def _wrap_train_batch(original: Callable[..., Any]) -> Callable[..., Any]:
             and self.is_mp_src_rank_with_outputs()
         ):
             outputs["metrics"].update(step_metrics(stats))
+        results = opt.vcpo_opob_results if opt.vcpo_opob is not None else []
+        if (
+            results
+            and isinstance(outputs, dict)
+            and isinstance(outputs.get("metrics"), dict)
+            and self.is_mp_src_rank_with_outputs()
+        ):
+            outputs["metrics"].update(opob_metrics(results))
         return outputs
 
     setattr(train_batch, _MARK, True)
@@ -732,6 +770,23 @@ def step_metrics(stats: _optim.ESSStepStats) -> dict[str, Any]:
     }
     if stats.lrs:
         values["vcpo/lr"] = float(stats.lrs[0])
+    return {k: _Metric(aggregation="mean", value=v) for k, v in values.items()}
+
+
+def opob_metrics(results: list[Any]) -> dict[str, Any]:
+    """``vcpo/opob/*`` entries of one OPOB-mode step (this rank's samples; mean over ranks).
+
+    ``vcpo/opob/calls``: ``opob.backward`` calls (verl micro-batches) of the step;
+    ``vcpo/opob/baseline``: mean of the samples' baselines :math:`b^*`;
+    ``vcpo/opob/sq_norm``: mean of the per-sample squared gradient norms :math:`n_i`.
+    """
+    base = torch.cat([r.baselines.detach().double().flatten() for r in results])
+    sq = torch.cat([r.sq_norms.detach().double().flatten() for r in results])
+    values = {
+        "vcpo/opob/calls": float(len(results)),
+        "vcpo/opob/baseline": float(base.mean()) if base.numel() else 0.0,
+        "vcpo/opob/sq_norm": float(sq.mean()) if sq.numel() else 0.0,
+    }
     return {k: _Metric(aggregation="mean", value=v) for k, v in values.items()}
 
 
