@@ -84,12 +84,14 @@ def _surrogate(logp: torch.Tensor, m: torch.Tensor, mu: torch.Tensor, o: dict, n
     """l_i of one sequence (response log-probs ``logp``, mask ``m``) and its log weight."""
     lw = float((logp.detach().double() - mu)[m].sum())
     w = {"none": 1.0, "is": math.exp(lw), "tis": min(math.exp(lw), o["cap"])}[o["is_mode"]]
-    if o["agg"] == "token-mean":
-        denom = n_tokens
-    elif o["agg"] == "seq-mean-token-mean":
-        denom = len(REWARDS) * (int(m.sum()) + 1e-8)
-    else:
-        raise AssertionError(o["agg"])
+    b = len(REWARDS)  # verl's global_batch_size
+    denom = {
+        "token-mean": n_tokens,
+        "token-sum": 1.0,
+        "seq-mean-token-sum": b,
+        "seq-mean-token-sum-norm": b * max(RESPONSES),  # default factor: padded response length
+        "seq-mean-token-mean": b * (int(m.sum()) + 1e-8),
+    }[o["agg"]]
     return -w * logp[m].sum() / denom, lw
 
 
@@ -183,6 +185,18 @@ CASES = {
     # verl's token-budget micro-batches (reordered by length) and a bucket pad at the row's tail
     "batch-packed-dynamic-bsz": ("batch", True, 2, False, "tis", 1.5, "token-mean"),
     "group-packed-pad-to-bucket": ("group", True, 2, True, "tis", 1.5, "token-mean"),
+    # the other loss_agg_modes of verl
+    "group-packed-token-sum": ("group", True, 2, False, "tis", 1.5, "token-sum"),
+    "batch-padded-seq-mean-token-sum": ("batch", False, 2, False, "tis", 1.5, "seq-mean-token-sum"),
+    "group-packed-seq-mean-token-sum-norm": (
+        "group",
+        True,
+        2,
+        True,
+        "tis",
+        1.5,
+        "seq-mean-token-sum-norm",
+    ),
 }
 
 
