@@ -300,6 +300,31 @@ def test_opob_off_by_default_and_bad_settings_refused_at_build(model_dir: Path) 
             build(*extra)
 
 
+#: The OPOB lines of README "OPOB in verl" (after the two optimizer lines).
+README_OPOB = [
+    "+actor_rollout_ref.actor.optim.override_optimizer_config.opob=group",
+    "+actor_rollout_ref.actor.optim.override_optimizer_config.opob_group_size=8",
+    "+actor_rollout_ref.actor.optim.override_optimizer_config.opob_norm_by_std=true",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "trainer.balance_batch=false",
+]
+
+
+def test_readme_opob_lines_compose_and_build(model_dir: Path) -> None:
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config.optimizer import build_optimizer
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(f"    {line} \\" in readme or f"    {line}\n" in readme for line in README_OPOB)
+    cfg = S.compose(model_dir, [*S.VCPO_OVERRIDES[:2], *README_OPOB])
+    assert cfg.trainer.balance_batch is False
+    assert cfg.actor_rollout_ref.actor.entropy_coeff == 0
+    assert cfg.actor_rollout_ref.actor.use_kl_loss is False
+    optim = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor.optim)
+    opt = build_optimizer([torch.nn.Parameter(torch.randn(2))], optim)
+    assert opt.vcpo_opob == vv.OPOBSettings("group", 8, True, "tis", 8.0)
+
+
 def _assert_untouched(actor: S.Actor, before: dict[str, torch.Tensor]) -> None:
     after = S.params_of(actor.engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
