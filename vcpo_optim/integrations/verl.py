@@ -66,6 +66,29 @@ How it works (tested with verl 0.9.1, its FSDP/FSDP2 engine):
    ``old_log_probs`` (not a policy-gradient update, e.g. SFT): those steps run
    unscaled after a one-time ``UserWarning``.
 
+4. **OPOB mode (opt-in).** ``override_optimizer_config.opob=group|batch``
+   (with ``opob_group_size``, ``opob_norm_by_std``, ``opob_is_mode``,
+   ``opob_is_cap``; see :class:`OPOBSettings`) makes the wrapped
+   ``forward_backward_batch`` attach :class:`vcpo_optim.OPOB` to the engine's
+   FSDP2 model on the first training call and hand verl's loop a loss whose
+   ``backward()`` is
+
+   .. math::
+
+       \texttt{opob.backward}(l, R, \mathrm{uid}, \texttt{cu\_seqlens}), \qquad
+       l_i = -\frac{w_i}{D_i}\sum_t m_{it}\log\pi_\theta(y_{it}), \quad
+       R_i = \sum_t r_{it}
+
+   (:func:`opob_surrogate`: :math:`w_i` the truncated sequence weight,
+   :math:`D_i` verl's ``agg_loss`` normaliser over the global mini-batch,
+   :math:`r` the ``token_level_rewards``; ``cu_seqlens`` the packed row's
+   ``input_ids.offsets()`` under ``use_remove_padding``). verl's advantages
+   and PPO clip are not used. Configurations outside the tested subset are
+   refused at every training call, on every rank, before anything changes
+   (:func:`opob_refusals`); with ``scope="group"`` each micro-batch call must
+   hold whole prompt groups over all ranks (checked with one
+   ``all_gather_object``, which also spreads any rank's failure to all ranks).
+
 The data-parallel reduction of the ESS uses the engine's data-parallel group
 (``engine.get_data_parallel_group()``, set on the optimizer on its first
 training batch), so with Ulysses sequence parallelism each sequence counts
@@ -83,7 +106,20 @@ micro-batch with ``model_output["log_probs"]`` as a nested (jagged) tensor;
 ``old_log_probs``, ``rollout_log_probs``, ``prompts``, ``responses``
 (``attention_mask``); ``verl.workers.utils.padding.no_padding_2_padding``;
 ``verl.utils.metric.Metric``; and the call convention of
-``verl.workers.config.optimizer.build_optimizer``.
+``verl.workers.config.optimizer.build_optimizer``. OPOB mode also relies on
+``forward_backward_batch`` calling ``loss.backward()`` on what ``forward_step``
+returns (``forward_step`` reading only ``loss.detach().item()``);
+``FSDPEngine.module``, ``.ulysses_sequence_parallel_size``, ``.scaler``,
+``.engine_config`` (``param_offload``, ``offload_policy``),
+``.model_config.lora_rank``; the actor loss being
+``partial(verl.workers.utils.losses.ppo_loss, config=ActorConfig)`` with
+``loss_agg_mode``, ``loss_scale_factor``, ``policy_loss``, ``entropy_coeff``,
+``use_kl_loss``; the micro-batch keys ``token_level_rewards``, ``uid``,
+``input_ids``, ``position_ids``, ``rollout_is_weights``,
+``multi_modal_inputs`` and the non-tensor entries ``batch_num_tokens``,
+``global_batch_size``, ``use_remove_padding``, ``use_fused_kernels``,
+``distillation_use_topk``, ``distillation_only``
+(``verl.utils.tensordict_utils.get_non_tensor_data``).
 """
 
 from __future__ import annotations
