@@ -81,6 +81,28 @@ def _model():
     return TinyLM().double()
 
 
+class ToyRMSNorm(torch.nn.Module):
+    """An RMSNorm written like transformers' (float32 inside): OPOB matches it by structure,
+    so its rule is checked against this forward on first use (a replay of the module)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1.0 + 0.1 * torch.randn(d))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+
+def _model_structural_norm():
+    model = _model()
+    torch.manual_seed(1)
+    model.norm = ToyRMSNorm(model.norm.normalized_shape[0]).double()
+    return model
+
+
 def _result(res, model):
     grads = {}
     for n, p in model.named_parameters():
@@ -149,6 +171,37 @@ def s_fsdp_packed_batch():
     return _result(opob.backward(loss, r, cu_seqlens=cu), model)
 
 
+def s_fsdp_packed_structural_norm():
+    """FSDP2 reshards after the forward: the first-use checks replay the structurally matched
+    norm (and check it is position-wise) while its parameter is a DTensor shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim.opob import OPOB
+
+    model = _model_structural_norm()
+    for blk in model.blocks:
+        fully_shard(blk)
+    fully_shard(model)
+    opob = OPOB(model, scope="group")
+    r, g = _local(_rank())
+    loss, cu = _packed_loss(model, _rank())
+    return _result(opob.backward(loss, r, g, cu_seqlens=cu), model)
+
+
+def s_fsdp_padded_structural_norm():
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim.opob import OPOB
+
+    model = _model_structural_norm()
+    for blk in model.blocks:
+        fully_shard(blk)
+    fully_shard(model)
+    opob = OPOB(model, scope="group")
+    r, g = _local(_rank())
+    return _result(opob.backward(_padded_loss(model, _rank()), r, g), model)
+
+
 def s_ddp_packed_empty_rank():
     """Rank 1 has no samples: an empty loss and cu_seqlens [0], no forward."""
     from vcpo_optim.opob import OPOB
@@ -187,9 +240,9 @@ def res():
     return launch(__file__, WORLD)
 
 
-def _reference(ranks, **kw):
+def _reference(ranks, make=_model, **kw):
     """Oracle over the segments of ``ranks``, each run alone (one backward per sample)."""
-    model = _model()
+    model = make()
 
     def alone(m):
         out = []
@@ -205,17 +258,17 @@ def _reference(ranks, **kw):
     return oracle(model, alone, r, scopes, kw.get("agg", "mean"), kw.get("norm_by_std", False))
 
 
-def _compare(got, ref, ranks=(0, 1)):
+def _compare(got, ref, ranks=(0, 1), tol=1e-9):
     ref_n, ref_b, ref_c, ref_g = ref
     for k, rank in enumerate(ranks):
         lo = _offset(rank) - _offset(ranks[0])
         sl = slice(lo, lo + len(LAYOUT[rank][0]))
-        assert rel_err(got[k]["sq_norms"], ref_n[sl]) < 1e-9
-        assert (got[k]["baselines"] - ref_b[sl]).abs().max() < 1e-9
-        assert (got[k]["coefficients"] - ref_c[sl]).abs().max() < 1e-9
+        assert rel_err(got[k]["sq_norms"], ref_n[sl]) < tol
+        assert (got[k]["baselines"] - ref_b[sl]).abs().max() < tol
+        assert (got[k]["coefficients"] - ref_c[sl]).abs().max() < tol
     for got_r in got:
         for n, g in got_r["grads"].items():
-            assert rel_err(g, ref_g[n]) < 1e-9, n
+            assert rel_err(g, ref_g[n]) < tol, n
 
 
 def test_ddp_packed_group_scope(res):
@@ -229,6 +282,13 @@ def test_packed_and_padded_ranks(res):
 
 def test_fsdp2_packed(res):
     _compare(values(res, "fsdp_packed_batch"), _reference([0, 1], scope="batch"))
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_fsdp2_structural_rule_checked_on_sharded_parameters(res, layout):
+    """The norm computes in float32 inside the float64 model, as transformers' norms do."""
+    got = values(res, f"fsdp_{layout}_structural_norm")
+    _compare(got, _reference([0, 1], make=_model_structural_norm, scope="group"), tol=1e-6)
 
 
 def test_packed_with_an_empty_rank(res):

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from .rules.base import replay_guard, resolve_rule
 from .rules.fallback import replay_autocast
-from .rules.verify import TOLERANCE
+from .rules.verify import TOLERANCE, replay_params
 from .segments import Segmented, Segments, pad_tokens, segment, segments
 
 __all__ = [
@@ -318,7 +318,7 @@ def check_position_wise(use: Any, packed: Packed, amp: Any) -> None:
 
     why = None
     try:
-        with replay_guard(), torch.no_grad(), replay_autocast(amp):
+        with replay_guard(), torch.no_grad(), replay_autocast(amp), replay_params(module):
             row = module.forward(
                 *map(copy, use.args), **{k: copy(v) for k, v in use.kwargs.items()}
             )

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from .base import Dense, Factor, Outer, Rows, RuleSpec, Softmax, replay_guard, resolve_rule
 from .fallback import replay_autocast
 
-__all__ = ["TOLERANCE", "apply_rule", "rule_status"]
+__all__ = ["TOLERANCE", "apply_rule", "replay_params", "rule_status"]
 
 #: Relative tolerance of the first-use check, by the least precise floating dtype among the
 #: module's parameters, inputs and output gradient. Wide enough for the rounding of a reordered
@@ -43,6 +45,41 @@ TOLERANCE: dict[torch.dtype, float] = {
 
 # module -> (rule function, None when verified | the refusal message when it disagreed)
 _STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str | None]] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def replay_params(module: nn.Module) -> Iterator[None]:
+    """Plain stand-ins for the module's own sharded (FSDP2 ``DTensor``) parameters during a replay.
+
+    After FSDP2's forward the parameters of a ``fully_shard`` model are resharded
+    ``DTensor`` shards again, so ``module.forward`` cannot be replayed on the
+    recorded (plain) inputs. The first-use checks compare a rule with the
+    module's forward *for any parameter values* (see the module docstring), so
+    each sharded parameter of the module itself is replaced, for the replay only,
+    by a plain tensor of its global shape, dtype and device holding seeded
+    standard-normal values (no collective: every rank runs the same check on
+    its own). Nothing else changes; the real parameters are put back on exit.
+    A rule that reads a sharded parameter in the real pass fails there loudly.
+    """
+    from ..distributed import is_dtensor  # lazy: the distributed module imports the rules
+
+    swapped: list[tuple[str, Tensor]] = []
+    try:
+        for i, (name, p) in enumerate(list(module._parameters.items())):
+            if p is None or not is_dtensor(p):
+                continue
+            local = p.to_local()
+            gen = torch.Generator().manual_seed(0x5EED + i)
+            values = torch.randn(tuple(p.shape), generator=gen, dtype=torch.float64)
+            stand_in = nn.Parameter(
+                values.to(device=local.device, dtype=local.dtype), requires_grad=p.requires_grad
+            )
+            module._parameters[name] = stand_in
+            swapped.append((name, p))
+        yield
+    finally:
+        for name, p in swapped:
+            module._parameters[name] = p  # type: ignore[assignment]
 
 
 def rule_status(module: nn.Module) -> str:
@@ -262,7 +299,8 @@ def apply_rule(
     if not spec.verify:
         _STATE[module] = (spec.fn, None)
         return facs
-    ok, why = _check(module, args, kwargs, grad_output, facs, amp)
+    with replay_params(module):
+        ok, why = _check(module, args, kwargs, grad_output, facs, amp)
     if ok is False:
         refuse(why)
         return None
