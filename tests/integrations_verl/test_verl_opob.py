@@ -348,11 +348,16 @@ def _assert_untouched(actor: S.Actor, before: dict[str, torch.Tensor]) -> None:
         ([], "drop_uid", "'uid'"),
         ([], "rollout_is_weights", "rollout_is_weights"),
         ([], "sp2", "Ulysses"),
+        ([], "flash_ce", "VERL_DISABLE_FLASH_ATTN_CE=1"),
     ],
-    ids=["entropy", "kl-loss", "no-rewards", "no-uid", "rollout-correction", "ulysses"],
+    ids=["entropy", "kl-loss", "no-rewards", "no-uid", "rollout-correction", "ulysses", "flash-ce"],
 )
 def test_unsupported_configuration_refused_before_any_change(
-    model_dir: Path, extra: list[str], mutate: str | None, match: str
+    model_dir: Path,
+    extra: list[str],
+    mutate: str | None,
+    match: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg = S.compose(model_dir, _overrides(f"{OPT}opob=group", f"{OPT}opob_group_size=2", *extra))
     actor = S.build_actor(cfg)
@@ -363,6 +368,11 @@ def test_unsupported_configuration_refused_before_any_change(
         tensors["rollout_is_weights"] = torch.ones(tensors["response_mask"].shape)
     if mutate == "sp2":
         actor.engine.ulysses_sequence_parallel_size = 2  # as an sp=2 engine (needs several ranks)
+    if mutate == "flash_ce":  # as on a GPU machine with flash-attn installed
+        from verl.utils import torch_functional as tf
+
+        monkeypatch.setattr(tf, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+        monkeypatch.delenv("VERL_DISABLE_FLASH_ATTN_CE", raising=False)
     td = _engine_batch(tensors, actor)
     if mutate == "drop_uid":
         del td["uid"]
@@ -370,6 +380,18 @@ def test_unsupported_configuration_refused_before_any_change(
     with pytest.raises(vv.VerlIntegrationError, match=match):
         _train_and_grads(actor, td)
     _assert_untouched(actor, before)
+
+
+def test_fused_logprob_kernel_is_off_with_the_documented_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from verl.utils import torch_functional as tf
+
+    monkeypatch.setattr(tf, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
+    assert vv._fused_logprob_kernel() is None
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "0")
+    assert "flash-attn" in vv._fused_logprob_kernel()
 
 
 def test_split_group_refused_before_any_change(model_dir: Path) -> None:

@@ -128,6 +128,7 @@ import functools
 import hashlib
 import inspect
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -448,6 +449,25 @@ def _loss_config(loss_function: Any) -> Any:
     return None
 
 
+def _fused_logprob_kernel() -> str | None:
+    """The fused log-prob kernel verl's ``logprobs_from_logits`` would use, else ``None``.
+
+    verl 0.9.1 (``verl.utils.torch_functional``) uses flash-attn's Triton
+    cross-entropy (``inplace_backward=True``) when flash-attn imports and
+    ``VERL_DISABLE_FLASH_ATTN_CE`` is not ``"1"``, else torch_npu's kernel where
+    it imports, else ``log_softmax`` + ``gather``.
+    """
+    from verl.utils import torch_functional as tf
+
+    if getattr(tf, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False) and (
+        os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+    ):
+        return "flash-attn's Triton cross-entropy kernel (inplace_backward=True)"
+    if getattr(tf, "NPU_CROSS_ENTROPY_LOSS_AVAILABLE", False):
+        return "torch_npu's cross-entropy kernel"
+    return None
+
+
 def opob_refusals(engine: Any, data: Any, loss_function: Any, settings: OPOBSettings) -> list[str]:
     """Why the OPOB mode cannot run this engine, batch and loss (empty: it can).
 
@@ -510,6 +530,13 @@ def opob_refusals(engine: Any, data: Any, loss_function: Any, settings: OPOBSett
                 "use_kl_loss=True: the KL loss is not of the form sum_i c_i grad l_i; use "
                 "algorithm.use_kl_in_reward (it enters the rewards) or switch it off"
             )
+    kernel = _fused_logprob_kernel()
+    if kernel is not None:
+        why.append(
+            f"verl computes the log-probs with {kernel}, which OPOB mode is not tested with (no "
+            "GPU here); set VERL_DISABLE_FLASH_ATTN_CE=1 in the workers' environment for the "
+            "plain PyTorch log_softmax path OPOB mode is tested on"
+        )
     for key in ("use_fused_kernels", "distillation_use_topk", "distillation_only"):
         if _tu.get_non_tensor_data(data=data, key=key, default=False):
             why.append(f"{key}=True")
