@@ -270,6 +270,39 @@ def test_trainable_module_in_eval_mode_named_in_the_error():
     _same(model, snap)
 
 
+@pytest.mark.parametrize("kind", ["tensor_hook", "post_accumulate_grad_hook"])
+def test_parameter_gradient_hooks_refused(kind):
+    """A hook on a trainable Parameter never runs under OPOB, which writes ``.grad`` itself.
+
+    A plain backward runs ``p.register_hook`` hooks on the gradient before it is
+    accumulated (e.g. a mask that freezes embedding rows) and
+    ``register_post_accumulate_grad_hook`` hooks after it (optimizer-in-backward,
+    transformers' Trainer averaging replicated adapters under FSDP2). OPOB must refuse,
+    naming the parameter and the hook, with nothing changed; without the hook the
+    same call is exact, and after ``handle.remove()`` it runs.
+    """
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(5, 7, dtype=torch.float64)
+    r = torch.randn(5, dtype=torch.float64)
+
+    def halve(arg):
+        return arg * 0.5 if isinstance(arg, torch.Tensor) else None
+
+    p = model.l2.weight
+    if kind == "tensor_hook":
+        handle = p.register_hook(halve)
+    else:
+        handle = p.register_post_accumulate_grad_hook(halve)
+    with OPOB(model) as opob:
+        snap = _snapshot(model)
+        with pytest.raises(ValueError, match=r"l2\.weight.*halve"):
+            opob.backward(proj_loss(x)(model), r)
+        _same(model, snap)
+        handle.remove()
+    assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])
+
+
 def test_inplace_after_linear_is_exact():
     """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
     torch.manual_seed(0)

@@ -137,6 +137,47 @@ def _to_1d(
     return t if dtype is None else t.to(dtype)
 
 
+def _hook_name(h: Any) -> str:
+    f = getattr(h, "func", h)  # functools.partial
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def check_param_hooks(params: dict[int, Tensor], names: dict[int, str]) -> None:
+    """Refuse trainable parameters that carry gradient hooks OPOB would bypass.
+
+    OPOB writes ``.grad`` from per-sample factors; autograd never accumulates into
+    the parameters, so ``Tensor.register_hook`` hooks (run on the gradient before
+    accumulation, e.g. a row mask) and ``register_post_accumulate_grad_hook`` hooks
+    (run after it: optimizer-in-backward, gradient averaging) would silently not run.
+    """
+    found: list[str] = []
+    for i, p in params.items():
+        hooks = [
+            (kind, h)
+            for kind, d in (
+                ("register_hook", getattr(p, "_backward_hooks", None)),
+                (
+                    "register_post_accumulate_grad_hook",
+                    getattr(p, "_post_accumulate_grad_hooks", None),
+                ),
+            )
+            for h in (d or {}).values()
+        ]
+        if hooks:
+            kind, h = hooks[0]
+            found.append(f"{names.get(i, '?')} ({kind}: {_hook_name(h)})")
+    if found:
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ValueError(
+            f"OPOB: trainable parameters carry gradient hooks: {', '.join(found[:5])}{more}. "
+            "OPOB writes .grad itself from per-sample factors, so autograd never accumulates "
+            "into these parameters and the hooks would silently not run (a hook that changes "
+            "the gradient would also make the per-sample norms disagree with it). Remove the "
+            "hooks (handle.remove()) and apply the transformation to .grad after "
+            "opob.backward() and before optimizer.step(). Nothing was changed."
+        )
+
+
 @dataclass
 class _StatPlan:
     """Local scopes of a call on the sufficient-statistics path (``agg="mean"`` over a process group)."""
@@ -305,6 +346,7 @@ class Step:
                     "model (each module is recorded by one OPOB); use the newer one"
                 )
             raise ValueError("OPOB: this OPOB was detached")
+        check_param_hooks(self.params, self.names)
         if not isinstance(loss, Tensor):
             raise ValueError("OPOB: per_sample_loss must be a torch.Tensor")
         if loss.dim() != 1:
