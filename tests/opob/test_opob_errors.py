@@ -303,6 +303,36 @@ def test_parameter_gradient_hooks_refused(kind):
     assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])
 
 
+@pytest.mark.parametrize(
+    "mix",
+    [
+        pytest.param(lambda x: x[torch.tensor([2, 0, 4, 1, 3])], id="reordered"),
+        pytest.param(lambda x: x - x.mean(), id="centered"),
+        pytest.param(lambda x: x + 0.5 * x.roll(1), id="neighbour"),
+    ],
+)
+def test_loss_not_per_sample_refused(mix):
+    """Entry i of per_sample_loss must depend on row i of the batch alone; a loss reordered
+    against the batch rows (sorted for bucketing, then restored in another order) or mixing
+    samples gave wrong norms silently. OPOB checks it once (a second autograd pass with
+    power-of-two per-sample weights) and refuses with nothing changed; a per-sample loss in
+    batch order passes the same check (the oracle comparison)."""
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    ids, mask = lm_batch()
+    r = torch.randn(5, dtype=torch.float64)
+    snap = _snapshot(model)
+    with OPOB(model) as opob:
+        loss = mix(lm_loss(ids, mask)(model))
+        with pytest.raises(ValueError, match="does not depend on row i of the batch alone"):
+            opob.backward(loss, r)
+        _same(model, snap)
+        res = opob.backward(lm_loss(ids, mask)(model), r)  # the check passes, then runs
+    assert opob._step.separable_checked and res.sq_norms.shape == (5,)
+    model.zero_grad(set_to_none=True)
+    assert_one_call_matches_oracle(model, lm_loss(ids, mask), r, [0, 0, 1, 1, 1], tol=1e-9)
+
+
 def test_inplace_after_linear_is_exact():
     """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
     torch.manual_seed(0)

@@ -594,7 +594,10 @@ class OPOB:
                 non-negative and ``[B]``, a malformed ``cu_seqlens``, a packed
                 call with a module that is not token-local, whose records do not
                 hold the packed tokens, or whose padding reaches the loss, or a second call in a step with
-                ``scope="batch"`` and ``max_sample_grad_norm``. Raised before any ``.grad`` or OPOB state
+                ``scope="batch"`` and ``max_sample_grad_norm``, gradient hooks on trainable
+                parameters, or (checked on the first single-process, single-pass call, with
+                one more autograd pass) a loss whose entry ``i`` depends on other rows or
+                segments than ``i`` (reordered, mixed, packed segments attending to each other). Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process
                 group every rank raises the same error.
         """
