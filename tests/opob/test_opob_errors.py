@@ -333,6 +333,36 @@ def test_loss_not_per_sample_refused(mix):
     assert_one_call_matches_oracle(model, lm_loss(ids, mask), r, [0, 0, 1, 1, 1], tol=1e-9)
 
 
+def test_gradient_hook_on_a_module_output_refused():
+    """A ``Tensor.register_hook`` on a hooked module's output that rescales its gradient acts
+    after OPOB captures that gradient: OPOB's per-sample gradients of the module's weight
+    missed the factor silently. The first call's check (factors with unit coefficients
+    against autograd's own gradient of sum_i l_i) refuses it; a hook that only reads the
+    gradient changes nothing and passes."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(5, 7, dtype=torch.float64)
+    r = torch.randn(5, dtype=torch.float64)
+    seen = []
+
+    def rescale(mod, args, out):
+        out.register_hook(lambda g: g * 0.5)
+
+    def observe(mod, args, out):
+        out.register_hook(lambda g: seen.append(g.shape) and None)
+
+    h = model.l2.register_forward_hook(rescale)
+    snap = _snapshot(model)
+    with OPOB(model) as opob:
+        with pytest.raises(ValueError, match=r"'l2\.weight' do not add up.*register_hook"):
+            opob.backward(proj_loss(x)(model), r)
+        _same(model, snap)
+    h.remove()
+    model.l2.register_forward_hook(observe)
+    assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])
+    assert seen
+
+
 def test_inplace_after_linear_is_exact():
     """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
     torch.manual_seed(0)

@@ -269,7 +269,9 @@ class Step:
         self.state = StepState()
         # the per-sample check (:meth:`_check_separable`) ran conclusively once
         self.separable_checked = False
-        self._separable_pending: tuple[tuple[Tensor | None, ...], Tensor] | None = None
+        self._separable_pending: (
+            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None]] | None
+        ) = None
 
     # ------------------------------------------------------------------ optimizer step
 
@@ -711,9 +713,10 @@ class Step:
                 if b and not two_pass:
                     works = self._factors(grads, b, c.packed)
                     if self._separable_pending is not None:  # after the factors' own checks
-                        gv, v = self._separable_pending
+                        gv, v, pgrads = self._separable_pending
                         self._separable_pending = None
                         self._check_separable(gv, grads, v, c.packed)
+                        self._check_total(works, pgrads, b)
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -974,9 +977,13 @@ class Step:
                 inputs = [e for u in self.tape for e in u.edges]
             with torch.enable_grad():  # pass 2 runs inside the write's no_grad block
                 total = loss.sum()
-            grads = torch.autograd.grad(
-                total, inputs, retain_graph=retain or separable is not None, allow_unused=True
-            )
+            if separable is None:
+                grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
+            else:  # also autograd's own gradient of sum_i l_i, for the check
+                both = torch.autograd.grad(
+                    total, [*inputs, *params], retain_graph=True, allow_unused=True
+                )
+                grads, pgrads = both[: len(inputs)], both[len(inputs) :]
             if separable is not None:
                 # powers of two: scaling the loss by v_i scales every gradient of a separable
                 # loss exactly (no rounding), so only a real dependence shows
@@ -992,7 +999,7 @@ class Step:
                         raise
                     self.separable_checked = True  # this model's graph cannot be checked
                 else:
-                    self._separable_pending = (gv, v)
+                    self._separable_pending = (gv, v, dict(zip(map(id, params), pgrads)))
         except RuntimeError as e:
             if "heckpoint" in str(e):
                 raise ValueError(recompute.REENTRANT) from e
@@ -1094,6 +1101,45 @@ class Step:
             )
         if conclusive:
             self.separable_checked = True
+
+    def _check_total(
+        self, works: dict[int, ParamWork], pgrads: dict[int, Tensor | None], b: int
+    ) -> None:
+        """Refuse a call whose per-sample factors do not add up to autograd's own gradient.
+
+        With every coefficient 1, ``sum_i G_i`` from the factors must equal the gradient
+        of ``sum_i l_i`` that autograd computes through the model (checked once, with
+        the per-sample check). It differs where something changes the gradient between a
+        recorded module output and the parameters that OPOB cannot see, e.g. a
+        ``Tensor.register_hook`` on a module's output that rescales its gradient.
+        """
+        dts: list[Tensor] = [p for p in self.params.values()]
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        worst: tuple[float, str] = (0.0, "")
+        for pid, p in self.params.items():
+            ref = pgrads.get(pid)
+            w = works.get(pid)
+            if ref is None and w is None:
+                continue
+            ones = torch.ones(b, dtype=torch.float64, device=p.device)
+            mine = w.weighted_sum(ones).double() if w is not None and w.factors else None
+            r64 = ref.double() if ref is not None else torch.zeros_like(p, dtype=torch.float64)
+            m64 = mine if mine is not None else torch.zeros_like(r64)
+            scale = max(float(r64.norm()), float(m64.norm()))
+            if scale == 0.0 or not math.isfinite(scale):
+                continue
+            err = float((m64 - r64).norm()) / scale
+            if err > tol and err > worst[0]:
+                worst = (err, self.names.get(pid, "?"))
+        if worst[0] > 0.0:
+            raise ValueError(
+                f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
+                f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
+                "something between a recorded module output and its parameters changes the "
+                "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
+                "(remove it, or transform .grad after opob.backward()). Nothing was changed."
+            )
 
     def _norm_pass(
         self,
