@@ -330,6 +330,11 @@ def test_loss_not_per_sample_refused(mix):
         res = opob.backward(lm_loss(ids, mask)(model), r)  # the check passes, then runs
     assert opob._step.separable_checked and res.sq_norms.shape == (5,)
     model.zero_grad(set_to_none=True)
+    with OPOB(model, check_first_call=False) as opob:  # the opt-out: not checked
+        opob.backward(mix(lm_loss(ids, mask)(model)), r)
+    with pytest.raises(ValueError, match="check_first_call must be a bool"):
+        OPOB(model, check_first_call="no")
+    model.zero_grad(set_to_none=True)
     assert_one_call_matches_oracle(model, lm_loss(ids, mask), r, [0, 0, 1, 1, 1], tol=1e-9)
 
 
