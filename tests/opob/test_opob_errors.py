@@ -359,9 +359,10 @@ def test_gradient_hook_on_a_module_output_refused():
     h = model.l2.register_forward_hook(rescale)
     snap = _snapshot(model)
     with OPOB(model) as opob:
-        with pytest.raises(ValueError, match=r"'l2\.weight' do not add up.*register_hook"):
-            opob.backward(proj_loss(x)(model), r)
-        _same(model, snap)
+        for _ in range(2):  # a refused call is checked again
+            with pytest.raises(ValueError, match=r"'l2\.weight' do not add up.*register_hook"):
+                opob.backward(proj_loss(x)(model), r)
+            _same(model, snap)
     h.remove()
     model.l2.register_forward_hook(observe)
     assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])

@@ -715,8 +715,10 @@ class Step:
                     if self._separable_pending is not None:  # after the factors' own checks
                         gv, v, pgrads = self._separable_pending
                         self._separable_pending = None
-                        self._check_separable(gv, grads, v, c.packed)
+                        conclusive = self._check_separable(gv, grads, v, c.packed)
                         self._check_total(works, pgrads, b)
+                        # a refused call is checked again on the next call
+                        self.separable_checked = conclusive
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -1026,8 +1028,10 @@ class Step:
         g1: tuple[Tensor | None, ...],
         v: Tensor,
         packed: packing.Packed | None,
-    ) -> None:
+    ) -> bool:
         """Refuse a per-sample loss whose entry ``i`` is not a function of sample ``i`` alone.
+
+        Returns whether the check was conclusive (some recorded output got a gradient).
 
         OPOB reads sample ``i``'s gradient from row ``i`` of every recorded module output
         (from the tokens of segment ``i`` in a packed row). That holds exactly when the
@@ -1099,8 +1103,7 @@ class Step:
                 f"other samples (e.g. l - l.mean(), a batch-level normaliser with grad).{leak} "
                 "Nothing was changed."
             )
-        if conclusive:
-            self.separable_checked = True
+        return conclusive
 
     def _check_total(
         self, works: dict[int, ParamWork], pgrads: dict[int, Tensor | None], b: int
