@@ -270,6 +270,105 @@ def test_trainable_module_in_eval_mode_named_in_the_error():
     _same(model, snap)
 
 
+@pytest.mark.parametrize("kind", ["tensor_hook", "post_accumulate_grad_hook"])
+def test_parameter_gradient_hooks_refused(kind):
+    """A hook on a trainable Parameter never runs under OPOB, which writes ``.grad`` itself.
+
+    A plain backward runs ``p.register_hook`` hooks on the gradient before it is
+    accumulated (e.g. a mask that freezes embedding rows) and
+    ``register_post_accumulate_grad_hook`` hooks after it (optimizer-in-backward,
+    transformers' Trainer averaging replicated adapters under FSDP2). OPOB must refuse,
+    naming the parameter and the hook, with nothing changed; without the hook the
+    same call is exact, and after ``handle.remove()`` it runs.
+    """
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(5, 7, dtype=torch.float64)
+    r = torch.randn(5, dtype=torch.float64)
+
+    def halve(arg):
+        return arg * 0.5 if isinstance(arg, torch.Tensor) else None
+
+    p = model.l2.weight
+    if kind == "tensor_hook":
+        handle = p.register_hook(halve)
+    else:
+        handle = p.register_post_accumulate_grad_hook(halve)
+    with OPOB(model) as opob:
+        snap = _snapshot(model)
+        with pytest.raises(ValueError, match=r"l2\.weight.*halve"):
+            opob.backward(proj_loss(x)(model), r)
+        _same(model, snap)
+        handle.remove()
+    assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        pytest.param(lambda x: x[torch.tensor([2, 0, 4, 1, 3])], id="reordered"),
+        pytest.param(lambda x: x - x.mean(), id="centered"),
+        pytest.param(lambda x: x + 0.5 * x.roll(1), id="neighbour"),
+    ],
+)
+def test_loss_not_per_sample_refused(mix):
+    """Entry i of per_sample_loss must depend on row i of the batch alone; a loss reordered
+    against the batch rows (sorted for bucketing, then restored in another order) or mixing
+    samples gave wrong norms silently. OPOB checks it once (a second autograd pass with
+    power-of-two per-sample weights) and refuses with nothing changed; a per-sample loss in
+    batch order passes the same check (the oracle comparison)."""
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    ids, mask = lm_batch()
+    r = torch.randn(5, dtype=torch.float64)
+    snap = _snapshot(model)
+    with OPOB(model) as opob:
+        loss = mix(lm_loss(ids, mask)(model))
+        with pytest.raises(ValueError, match="does not depend on row i of the batch alone"):
+            opob.backward(loss, r)
+        _same(model, snap)
+        res = opob.backward(lm_loss(ids, mask)(model), r)  # the check passes, then runs
+    assert opob._step.separable_checked and res.sq_norms.shape == (5,)
+    model.zero_grad(set_to_none=True)
+    with OPOB(model, check_first_call=False) as opob:  # the opt-out: not checked
+        opob.backward(mix(lm_loss(ids, mask)(model)), r)
+    with pytest.raises(ValueError, match="check_first_call must be a bool"):
+        OPOB(model, check_first_call="no")
+    model.zero_grad(set_to_none=True)
+    assert_one_call_matches_oracle(model, lm_loss(ids, mask), r, [0, 0, 1, 1, 1], tol=1e-9)
+
+
+def test_gradient_hook_on_a_module_output_refused():
+    """A ``Tensor.register_hook`` on a hooked module's output that rescales its gradient acts
+    after OPOB captures that gradient: OPOB's per-sample gradients of the module's weight
+    missed the factor silently. The first call's check (factors with unit coefficients
+    against autograd's own gradient of sum_i l_i) refuses it; a hook that only reads the
+    gradient changes nothing and passes."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    x = torch.randn(5, 7, dtype=torch.float64)
+    r = torch.randn(5, dtype=torch.float64)
+    seen = []
+
+    def rescale(mod, args, out):
+        out.register_hook(lambda g: g * 0.5)
+
+    def observe(mod, args, out):
+        out.register_hook(lambda g: seen.append(g.shape) and None)
+
+    h = model.l2.register_forward_hook(rescale)
+    snap = _snapshot(model)
+    with OPOB(model) as opob:
+        for _ in range(2):  # a refused call is checked again
+            with pytest.raises(ValueError, match=r"'l2\.weight' do not add up.*register_hook"):
+                opob.backward(proj_loss(x)(model), r)
+            _same(model, snap)
+    h.remove()
+    model.l2.register_forward_hook(observe)
+    assert_one_call_matches_oracle(model, proj_loss(x), r, [0, 0, 1, 1, 1])
+    assert seen
+
+
 def test_inplace_after_linear_is_exact():
     """nn.ReLU(inplace=True) right after a Linear on a 3-D input (a view output)."""
     torch.manual_seed(0)

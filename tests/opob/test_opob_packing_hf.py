@@ -170,6 +170,29 @@ def test_transformers_needs_use_cache_false_to_isolate_segments():
         assert (out - alone).abs().max() > 1e-6, what
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"attention_mask": "ones", "use_cache": False}],
+    ids=["default_use_cache", "mask_of_ones"],
+)
+def test_packed_segments_attending_to_each_other_refused(kw):
+    """The two ways transformers 5.x silently lets packed segments attend to each other (see the
+    test above) made OPOB's norms wrong without a word; the per-sample check refuses them,
+    naming the fix, with nothing changed."""
+    model = _model("qwen2", "sdpa", torch.float64)
+    ids, pos, cu, w = _batch()
+    if kw.get("attention_mask") == "ones":
+        kw = dict(kw, attention_mask=torch.ones_like(ids[None]))
+    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
+    with OPOB(model) as opob:
+        out = model(input_ids=ids[None], position_ids=pos[None], **kw)
+        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
+        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        with pytest.raises(ValueError, match=r"attention across trajectories.*use_cache=False"):
+            opob.backward(loss, torch.tensor(REWARDS, dtype=torch.float64), cu_seqlens=cu)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_peft_lora_and_dora_packed(dora):

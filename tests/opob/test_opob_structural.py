@@ -287,6 +287,57 @@ def test_subclass_with_own_forward_checked(make):
     assert rule_status(model.emb) == "rejected"
 
 
+def _replace_forward(module, pre, post):
+    """What accelerate's ``add_hook_to_module`` does: ``module.forward`` set on the instance."""
+    old = module.forward
+
+    def forward(*args):
+        return post(old(*(pre(a) for a in args)))
+
+    module.forward = forward
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("when", ["before_attach", "after_first_step"])
+def test_instance_forward_replacement_checked(when):
+    """A trusted built-in rule (nn.Linear) on a module whose forward is replaced on the instance
+    (accelerate hooks, monkeypatching) is checked on first use like a subclass's own forward:
+    a value-changing replacement is refused strict and exact through the fallback, a
+    value-preserving one (accelerate's device-alignment hook) stays exact with the rule."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4, dtype=DT)
+    r = torch.randn(5, dtype=DT)
+    model = _TwoLinear().to(DT)
+    assert rule_status(model.a) == "trusted"
+    opob = OPOB(model)
+    if when == "after_first_step":  # trusted and used before the forward is replaced
+        opob.backward(proj_loss(x)(model), r)
+        model.zero_grad(set_to_none=True)
+    _replace_forward(model.a, lambda t: 1.5 * t, lambda t: 0.7 * t)
+    assert rule_status(model.a) == "unverified"
+    with pytest.raises(ValueError, match=r"'a' \(Linear.*replaced on the instance"):
+        opob.backward(proj_loss(x)(model), r)
+    assert all(p.grad is None for p in model.parameters())
+    opob.detach()
+    assert_one_call_matches_oracle(model, proj_loss(x), r, tol=1e-9, strict=False)
+    assert rule_status(model.a) == "rejected"
+
+    torch.manual_seed(0)
+    model = _TwoLinear().to(DT)
+    _replace_forward(model.a, lambda t: t, lambda t: t)
+    assert_one_call_matches_oracle(model, proj_loss(x), r, tol=1e-9)
+    assert rule_status(model.a) == "verified"
+
+
 # ------------------------------------------------------------------ transposed linear (GPT-2 Conv1D)
 
 

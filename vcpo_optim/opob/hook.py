@@ -152,6 +152,16 @@ class OPOB:
             memory is not saved). ``False``: always hold the inputs (one pass,
             faster, no memory saving). ``True``: like ``"auto"``, but a
             ``ValueError`` at construction where the inputs would be held.
+        check_first_call: default ``True``: the first single-pass call of a
+            single process (no process group, no recomputed checkpoint regions)
+            runs one more autograd pass, with the parameters' gradients, and
+            refuses a ``per_sample_loss`` that is not per-sample (entry ``i``
+            depending on other rows, or on other segments of a packed row: the
+            gradient of ``sum_i v_i l_i`` at every recorded output must be ``v_i``
+            times that of ``sum_i l_i``, for random powers of two ``v_i``) and
+            per-sample gradients that do not add up to autograd's gradient of
+            ``sum_i l_i`` (a gradient hook on a module output). About 2x that
+            call's time and one extra gradient's memory, once. ``False``: skip it.
 
     Per-trajectory clipping (``max_sample_grad_norm``) is Opacus-style
     clipping of the summands actually written: each ``x_i = c_i grad l_i``
@@ -273,9 +283,12 @@ class OPOB:
         grad_reduction: str = "sum",
         max_sample_grad_norm: float | None = None,
         checkpointing: bool | str = "auto",
+        check_first_call: bool = True,
     ) -> None:
         if scope not in ("group", "batch"):
             raise ValueError(f"OPOB: scope must be 'group' or 'batch', got {scope!r}")
+        if not isinstance(check_first_call, bool):
+            raise ValueError(f"OPOB: check_first_call must be a bool, got {check_first_call!r}")
         if agg not in AGGS:
             raise ValueError(f"OPOB: agg must be one of {AGGS}, got {agg!r}")
         if not 0.0 <= winsor_q < 0.5:
@@ -440,6 +453,7 @@ class OPOB:
             self._owned,
             model,
         )
+        self._step.separable_checked = not check_first_call
         for mname, mod in rule_mods:
             tape.attach(mname, mod, True)
         for mname, mod in fb_mods:
@@ -594,7 +608,10 @@ class OPOB:
                 non-negative and ``[B]``, a malformed ``cu_seqlens``, a packed
                 call with a module that is not token-local, whose records do not
                 hold the packed tokens, or whose padding reaches the loss, or a second call in a step with
-                ``scope="batch"`` and ``max_sample_grad_norm``. Raised before any ``.grad`` or OPOB state
+                ``scope="batch"`` and ``max_sample_grad_norm``, gradient hooks on trainable
+                parameters, or (checked on the first single-process, single-pass call, with
+                one more autograd pass) a loss whose entry ``i`` depends on other rows or
+                segments than ``i`` (reordered, mixed, packed segments attending to each other). Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process
                 group every rank raises the same error.
         """

@@ -37,6 +37,7 @@ two passes of checkpointed calls included).
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ from .baseline import (
 from .engine import LEAN_CHUNK_ELEMS, ParamWork, Running
 from .rules import apply_rule, fallback_factors, is_token_local
 from .rules.base import Factor, Rows
+from .rules.verify import TOLERANCE, _least_precise
 from .tape import Tape, _reachable
 
 __all__ = ["Config", "OPOBResult", "Step", "StepState"]
@@ -135,6 +137,47 @@ def _to_1d(
         )
     t = t.to(device)
     return t if dtype is None else t.to(dtype)
+
+
+def _hook_name(h: Any) -> str:
+    f = getattr(h, "func", h)  # functools.partial
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def check_param_hooks(params: dict[int, Tensor], names: dict[int, str]) -> None:
+    """Refuse trainable parameters that carry gradient hooks OPOB would bypass.
+
+    OPOB writes ``.grad`` from per-sample factors; autograd never accumulates into
+    the parameters, so ``Tensor.register_hook`` hooks (run on the gradient before
+    accumulation, e.g. a row mask) and ``register_post_accumulate_grad_hook`` hooks
+    (run after it: optimizer-in-backward, gradient averaging) would silently not run.
+    """
+    found: list[str] = []
+    for i, p in params.items():
+        hooks = [
+            (kind, h)
+            for kind, d in (
+                ("register_hook", getattr(p, "_backward_hooks", None)),
+                (
+                    "register_post_accumulate_grad_hook",
+                    getattr(p, "_post_accumulate_grad_hooks", None),
+                ),
+            )
+            for h in (d or {}).values()
+        ]
+        if hooks:
+            kind, h = hooks[0]
+            found.append(f"{names.get(i, '?')} ({kind}: {_hook_name(h)})")
+    if found:
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise ValueError(
+            f"OPOB: trainable parameters carry gradient hooks: {', '.join(found[:5])}{more}. "
+            "OPOB writes .grad itself from per-sample factors, so autograd never accumulates "
+            "into these parameters and the hooks would silently not run (a hook that changes "
+            "the gradient would also make the per-sample norms disagree with it). Remove the "
+            "hooks (handle.remove()) and apply the transformation to .grad after "
+            "opob.backward() and before optimizer.step(). Nothing was changed."
+        )
 
 
 @dataclass
@@ -224,6 +267,11 @@ class Step:
         self.owned = owned
         self.model = model
         self.state = StepState()
+        # the per-sample check (:meth:`_check_separable`) ran conclusively once
+        self.separable_checked = False
+        self._separable_pending: (
+            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None]] | None
+        ) = None
 
     # ------------------------------------------------------------------ optimizer step
 
@@ -305,6 +353,7 @@ class Step:
                     "model (each module is recorded by one OPOB); use the newer one"
                 )
             raise ValueError("OPOB: this OPOB was detached")
+        check_param_hooks(self.params, self.names)
         if not isinstance(loss, Tensor):
             raise ValueError("OPOB: per_sample_loss must be a torch.Tensor")
         if loss.dim() != 1:
@@ -652,10 +701,24 @@ class Step:
                 if two_pass:
                     self._norm_pass(loss, b, ns_acc, dt, parts, c.packed)
                 else:
-                    grads = self._autograd(loss)
+                    # regions recomputable once (selective checkpointing) allow one pass only
+                    check = (
+                        b > 1
+                        and not self.separable_checked
+                        and reducer.local()
+                        and not self.tape.once
+                    )
+                    grads = self._autograd(loss, separable=b if check else None)
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 if b and not two_pass:
                     works = self._factors(grads, b, c.packed)
+                    if self._separable_pending is not None:  # after the factors' own checks
+                        gv, v, pgrads = self._separable_pending
+                        self._separable_pending = None
+                        conclusive = self._check_separable(gv, grads, v, c.packed)
+                        self._check_total(works, pgrads, b)
+                        # a refused call is checked again on the next call
+                        self.separable_checked = conclusive
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -668,6 +731,7 @@ class Step:
                 for _, n in parts:
                     sq += n
         except Exception as exc:
+            self._separable_pending = None
             if not shared:
                 raise
             error = exc
@@ -897,11 +961,16 @@ class Step:
                 write(self.params[pid], (kk - pk) * s1 - (kk * bb - pk * pb) * s0)
 
     def _autograd(
-        self, loss: Tensor, inputs: list[Any] | None = None, retain: bool = False
+        self,
+        loss: Tensor,
+        inputs: list[Any] | None = None,
+        retain: bool = False,
+        separable: int | None = None,
     ) -> tuple[Tensor | None, ...]:
         """An autograd pass of OPOB (the tape paused): gradients of ``sum_i l_i`` at every
         recorded module output (the single pass), or at ``inputs`` (the two passes of
-        :mod:`vcpo_optim.opob.recompute`)."""
+        :mod:`vcpo_optim.opob.recompute`). ``separable=B``: then the pass of the
+        per-sample check (:meth:`_check_separable`), its gradients kept for the check."""
         params = list(self.params.values())
         before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
         self.tape.paused = True
@@ -910,7 +979,29 @@ class Step:
                 inputs = [e for u in self.tape for e in u.edges]
             with torch.enable_grad():  # pass 2 runs inside the write's no_grad block
                 total = loss.sum()
-            grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
+            if separable is None:
+                grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
+            else:  # also autograd's own gradient of sum_i l_i, for the check
+                both = torch.autograd.grad(
+                    total, [*inputs, *params], retain_graph=True, allow_unused=True
+                )
+                grads, pgrads = both[: len(inputs)], both[len(inputs) :]
+            if separable is not None:
+                # powers of two: scaling the loss by v_i scales every gradient of a separable
+                # loss exactly (no rounding), so only a real dependence shows
+                gen = torch.Generator().manual_seed(0x5E9A)
+                k = torch.randint(-3, 4, (separable,), generator=gen)
+                v = torch.exp2(k.to(torch.float64)).to(loss.device)
+                try:
+                    gv = torch.autograd.grad(
+                        loss, inputs, v.to(loss.dtype), retain_graph=retain, allow_unused=True
+                    )
+                except RuntimeError as e:  # e.g. selective checkpointing: one backward only
+                    if "heckpoint" not in str(e):
+                        raise
+                    self.separable_checked = True  # this model's graph cannot be checked
+                else:
+                    self._separable_pending = (gv, v, dict(zip(map(id, params), pgrads)))
         except RuntimeError as e:
             if "heckpoint" in str(e):
                 raise ValueError(recompute.REENTRANT) from e
@@ -930,6 +1021,128 @@ class Step:
                 "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
             )
         return grads
+
+    def _check_separable(
+        self,
+        gv: tuple[Tensor | None, ...],
+        g1: tuple[Tensor | None, ...],
+        v: Tensor,
+        packed: packing.Packed | None,
+    ) -> bool:
+        """Refuse a per-sample loss whose entry ``i`` is not a function of sample ``i`` alone.
+
+        Returns whether the check was conclusive (some recorded output got a gradient).
+
+        OPOB reads sample ``i``'s gradient from row ``i`` of every recorded module output
+        (from the tokens of segment ``i`` in a packed row). That holds exactly when the
+        gradient of ``sum_i v_i l_i`` at every recorded output is row ``i`` (token ``t``)
+        of the gradient of ``sum_i l_i`` times ``v_i`` (``v_seg(t)``), for any weights
+        ``v``. Checked once, for random ``v``, at every recorded output: a loss reordered
+        against the batch (``l[perm]``), one that mixes samples (``l - l.mean()``), samples
+        that attend to each other (a packed row run with an attention mask or the
+        KV cache) all fail it by far more than rounding.
+        """
+        pos = 0
+        conclusive = False
+        worst: tuple[float, str] = (0.0, "")
+        # the least precise dtype in play: parameters, recorded outputs, autocast
+        dts: list[Tensor] = [g for g in (*gv, *g1) if g is not None]
+        dts += list(self.params.values())
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        for u in self.tape:
+            k = len(u.edges)
+            for a, c1, shape in zip(gv[pos : pos + k], g1[pos : pos + k], u.out_shapes):
+                if a is None and c1 is None:
+                    continue
+                if a is None or c1 is None:  # one pass reached it, the other did not
+                    a, c1 = (c1, a) if a is None else (a, c1)
+                    assert a is not None
+                    a = red.local(a).reshape(shape)
+                    c1 = torch.zeros_like(a)
+                else:
+                    a, c1 = red.local(a).reshape(shape), red.local(c1).reshape(shape)
+                if packed is not None:
+                    ax = packed.axes.get(id(u))
+                    if ax is None:
+                        continue
+                    a = packing.token_view(a, ax[0], packed.n, ax[1])
+                    c1 = packing.token_view(c1, ax[0], packed.n, ax[1])
+                    # padding after cu[B] is refused by its own check (it must get no gradient)
+                    a, c1 = a[: packed.seg.n_tokens], c1[: packed.seg.n_tokens]
+                    w = v[packed.seg.seg_ids.to(v.device)]
+                else:
+                    w = v
+                if a.dim() == 0 or a.shape[0] != w.shape[0]:
+                    continue
+                a64 = a.double()
+                ref = c1.double() * w.to(a64.device).view(-1, *([1] * (a.dim() - 1)))
+                scale = max(float(a64.norm()), float(ref.norm()))
+                if scale == 0.0 or not math.isfinite(scale):
+                    continue
+                conclusive = True
+                err = float((a64 - ref).norm()) / scale
+                if err > tol and err > worst[0]:
+                    worst = (err, u.name)
+            pos += k
+        if worst[0] > 0.0:
+            where = "segment i of the packed row (cu_seqlens)" if packed is not None else "row i"
+            leak = (
+                " In a packed row the usual cause is attention across trajectories: with "
+                "transformers pass position_ids restarting at 0 per trajectory, "
+                "attention_mask=None and use_cache=False."
+                if packed is not None
+                else ""
+            )
+            raise ValueError(
+                f"OPOB: per_sample_loss[i] does not depend on {where} of the batch alone: at "
+                f"module '{worst[1]}' the gradient of sum_i v_i l_i differs from v_i times that "
+                f"of sum_i l_i by {worst[0]:.2g} (relative) for random v. OPOB's per-sample "
+                "norms would be wrong. The loss must be in the order of the batch rows (not "
+                "sorted, shuffled or reordered after the forward) and entry i must not mix in "
+                f"other samples (e.g. l - l.mean(), a batch-level normaliser with grad).{leak} "
+                "Nothing was changed."
+            )
+        return conclusive
+
+    def _check_total(
+        self, works: dict[int, ParamWork], pgrads: dict[int, Tensor | None], b: int
+    ) -> None:
+        """Refuse a call whose per-sample factors do not add up to autograd's own gradient.
+
+        With every coefficient 1, ``sum_i G_i`` from the factors must equal the gradient
+        of ``sum_i l_i`` that autograd computes through the model (checked once, with
+        the per-sample check). It differs where something changes the gradient between a
+        recorded module output and the parameters that OPOB cannot see, e.g. a
+        ``Tensor.register_hook`` on a module's output that rescales its gradient.
+        """
+        dts: list[Tensor] = [p for p in self.params.values()]
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        worst: tuple[float, str] = (0.0, "")
+        for pid, p in self.params.items():
+            ref = pgrads.get(pid)
+            w = works.get(pid)
+            if ref is None and w is None:
+                continue
+            ones = torch.ones(b, dtype=torch.float64, device=p.device)
+            mine = w.weighted_sum(ones).double() if w is not None and w.factors else None
+            r64 = ref.double() if ref is not None else torch.zeros_like(p, dtype=torch.float64)
+            m64 = mine if mine is not None else torch.zeros_like(r64)
+            scale = max(float(r64.norm()), float(m64.norm()))
+            if scale == 0.0 or not math.isfinite(scale):
+                continue
+            err = float((m64 - r64).norm()) / scale
+            if err > tol and err > worst[0]:
+                worst = (err, self.names.get(pid, "?"))
+        if worst[0] > 0.0:
+            raise ValueError(
+                f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
+                f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
+                "something between a recorded module output and its parameters changes the "
+                "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
+                "(remove it, or transform .grad after opob.backward()). Nothing was changed."
+            )
 
     def _norm_pass(
         self,

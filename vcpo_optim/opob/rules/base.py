@@ -35,7 +35,8 @@ How a module finds its rule (:func:`resolve_rule`), first match wins:
 3. the rule of the nearest registered base class in the MRO. A subclass that
    keeps the base class's ``forward`` (e.g. the ``FSDPLinear`` classes of
    ``fully_shard``) shares the rule as is; one that overrides ``forward`` gets it
-   only after the first-use check below.
+   only after the first-use check below. So does a module whose ``forward`` is
+   replaced on the instance (accelerate's ``add_hook_to_module``, a monkeypatch).
 
 Rules found by structure or inherited by a subclass with its own ``forward``,
 and rules registered with ``verify=True`` (the default for
@@ -202,8 +203,19 @@ _SPECS: dict[type[nn.Module], RuleSpec] = {}
 STRUCTURAL_RULES: list[_Structural] = []
 _version = [0]  # bumped by every registration: invalidates the per-module resolution cache
 _resolved: weakref.WeakKeyDictionary[
-    nn.Module, tuple[int, RuleSpec | None, type[nn.Module] | None]
+    nn.Module, tuple[int, RuleSpec | None, type[nn.Module] | None, Any]
 ] = weakref.WeakKeyDictionary()
+
+
+def instance_forward(module: nn.Module) -> Any:
+    """A ``forward`` set on the module instance itself, or ``None``.
+
+    ``accelerate``'s ``add_hook_to_module`` (``device_map``, offloading, custom
+    ``ModelHook`` s) and hand-written monkeypatches replace ``module.forward`` on the
+    instance; the forward that runs is then no longer the class's, so a rule written
+    for the class is only used after the first-use check.
+    """
+    return vars(module).get("forward")
 
 
 def _takes_kwargs(fn: Callable[..., object], what: str) -> bool:
@@ -386,8 +398,17 @@ def _typed(cls: type[nn.Module]) -> RuleSpec | None:
 def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None]:
     """The spec and the class in :data:`RULES` it came from (``None`` for a structural rule)."""
     cls = type(module)
+    replaced = instance_forward(module) is not None
     spec = _typed(cls)
     if spec is not None:
+        if replaced and not spec.verify:
+            spec = RuleSpec(
+                spec.fn,
+                True,
+                spec.kwargs,
+                f"{spec.source}, on a module whose forward is replaced on the instance",
+                spec.token_local,
+            )
         return spec, cls
     for s in STRUCTURAL_RULES:
         try:
@@ -400,7 +421,9 @@ def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None
         spec = _typed(base)
         if spec is None:
             continue
-        same_forward = getattr(cls, "forward", None) is getattr(base, "forward", None)
+        same_forward = not replaced and getattr(cls, "forward", None) is getattr(
+            base, "forward", None
+        )
         return RuleSpec(
             spec.fn,
             spec.verify or not same_forward,
@@ -430,10 +453,16 @@ def _still_valid(module: nn.Module, spec: RuleSpec | None, origin: type[nn.Modul
 def resolve_rule(module: nn.Module) -> RuleSpec | None:
     """The :class:`RuleSpec` OPOB uses for ``module`` (see the module docstring), or ``None``."""
     hit = _resolved.get(module)
-    if hit is not None and hit[0] == _version[0] and _still_valid(module, hit[1], hit[2]):
+    fwd = instance_forward(module)
+    if (
+        hit is not None
+        and hit[0] == _version[0]
+        and hit[3] is fwd
+        and _still_valid(module, hit[1], hit[2])
+    ):
         return hit[1]
     spec, origin = _resolve(module)
-    _resolved[module] = (_version[0], spec, origin)
+    _resolved[module] = (_version[0], spec, origin, fwd)
     return spec
 
 

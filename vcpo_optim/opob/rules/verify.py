@@ -27,7 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Dense, Factor, Outer, Rows, RuleSpec, Softmax, replay_guard, resolve_rule
+from .base import (
+    Dense,
+    Factor,
+    Outer,
+    Rows,
+    RuleSpec,
+    Softmax,
+    instance_forward,
+    replay_guard,
+    resolve_rule,
+)
 from .fallback import replay_autocast
 
 __all__ = ["TOLERANCE", "apply_rule", "replay_params", "rule_status"]
@@ -43,8 +53,19 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 5e-2,
 }
 
-# module -> (rule function, None when verified | the refusal message when it disagreed)
-_STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str | None]] = weakref.WeakKeyDictionary()
+# module -> (rule function, None when verified | the refusal message when it disagreed,
+#            the instance's own forward then (see base.instance_forward))
+_STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str | None, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _known(module: nn.Module, spec: RuleSpec) -> tuple[Any, str | None, Any] | None:
+    """The first-use check's outcome for ``module`` under ``spec``, if it still applies."""
+    st = _STATE.get(module)
+    if st is None or st[0] is not spec.fn or st[2] is not instance_forward(module):
+        return None
+    return st
 
 
 @contextmanager
@@ -89,8 +110,8 @@ def rule_status(module: nn.Module) -> str:
         return "none"
     if not spec.verify:
         return "trusted"
-    st = _STATE.get(module)
-    if st is not None and st[0] is spec.fn:
+    st = _known(module, spec)
+    if st is not None:
         return "verified" if st[1] is None else "rejected"
     return "unverified"
 
@@ -250,9 +271,9 @@ def apply_rule(
     if spec is None:
         return None
     cls = type(module).__name__
-    st = _STATE.get(module)
-    known = st is not None and st[0] is spec.fn
-    if known and st[1] is not None:
+    st = _known(module, spec)
+    known = st is not None
+    if st is not None and st[1] is not None:
         if strict:
             raise ValueError(st[1])
         return None
@@ -264,7 +285,7 @@ def apply_rule(
             "freeze its parameters, or pass strict=False to use the exact (slower) torch.func "
             "fallback for it; nothing was changed."
         )
-        _STATE[module] = (spec.fn, msg)
+        _STATE[module] = (spec.fn, msg, instance_forward(module))
         if strict:
             raise ValueError(msg)
 
@@ -297,7 +318,7 @@ def apply_rule(
         refuse(f"the rule {bad}")
         return None
     if not spec.verify:
-        _STATE[module] = (spec.fn, None)
+        _STATE[module] = (spec.fn, None, instance_forward(module))
         return facs
     with replay_params(module):
         ok, why = _check(module, args, kwargs, grad_output, facs, amp)
@@ -305,5 +326,5 @@ def apply_rule(
         refuse(why)
         return None
     if ok:
-        _STATE[module] = (spec.fn, None)
+        _STATE[module] = (spec.fn, None, instance_forward(module))
     return facs
