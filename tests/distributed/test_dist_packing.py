@@ -156,15 +156,20 @@ def s_ddp_packed_and_padded_ranks_median():
     return _result(res, policy)
 
 
-def s_fsdp_packed_batch():
+def _fully_shard(model):
+    """FSDP2 over each block, then the root (parameters become DTensor shards)."""
     from torch.distributed.fsdp import fully_shard
 
-    from vcpo_optim.opob import OPOB
-
-    model = _model()
     for blk in model.blocks:
         fully_shard(blk)
     fully_shard(model)
+    return model
+
+
+def s_fsdp_packed_batch():
+    from vcpo_optim.opob import OPOB
+
+    model = _fully_shard(_model())
     opob = OPOB(model, scope="batch")
     r, _ = _local(_rank())
     loss, cu = _packed_loss(model, _rank())
@@ -174,14 +179,9 @@ def s_fsdp_packed_batch():
 def s_fsdp_packed_structural_norm():
     """FSDP2 reshards after the forward: the first-use checks replay the structurally matched
     norm (and check it is position-wise) while its parameter is a DTensor shard."""
-    from torch.distributed.fsdp import fully_shard
-
     from vcpo_optim.opob import OPOB
 
-    model = _model_structural_norm()
-    for blk in model.blocks:
-        fully_shard(blk)
-    fully_shard(model)
+    model = _fully_shard(_model_structural_norm())
     opob = OPOB(model, scope="group")
     r, g = _local(_rank())
     loss, cu = _packed_loss(model, _rank())
@@ -189,14 +189,9 @@ def s_fsdp_packed_structural_norm():
 
 
 def s_fsdp_padded_structural_norm():
-    from torch.distributed.fsdp import fully_shard
-
     from vcpo_optim.opob import OPOB
 
-    model = _model_structural_norm()
-    for blk in model.blocks:
-        fully_shard(blk)
-    fully_shard(model)
+    model = _fully_shard(_model_structural_norm())
     opob = OPOB(model, scope="group")
     r, g = _local(_rank())
     return _result(opob.backward(_padded_loss(model, _rank()), r, g), model)
