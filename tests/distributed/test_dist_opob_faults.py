@@ -111,11 +111,15 @@ def _fault(
     forward_on_empty=False,
     poison=None,
     before=None,
+    mix=False,
+    fwd=None,
 ):
     """One backward call; returns how it ended on this rank, and whether .grad is unchanged.
 
     ``groups(rank)`` gives the rank's group ids (or None); ``poison(x)`` alters rank 0's
-    inputs; ``before(opob)`` runs successful calls first (their gradients are the snapshot).
+    inputs; ``before(opob)`` runs successful calls first (their gradients are the snapshot);
+    ``mix``: rank 0's loss mixes its samples (``l - l.mean()``); ``fwd``: the module whose
+    forward runs (e.g. the DDP wrapper of ``model``).
     """
     from vcpo_optim import OPOB
 
@@ -131,7 +135,9 @@ def _fault(
     if rank == 0 and poison is not None:
         x = poison(x.clone())
     if len(x) or forward_on_empty:
-        loss = _loss(model, x)
+        loss = _loss(model if fwd is None else fwd, x)
+        if mix and rank == 0:
+            loss = loss - loss.mean()
     else:
         loss = torch.zeros(0, dtype=DT, requires_grad=True)
     g = None if groups is None else groups(rank, len(x))
@@ -143,8 +149,26 @@ def _fault(
         out["raised"] = (type(exc).__name__, str(exc))
     out["grads_same"] = all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), snap))
     out["recorded"] = opob.num_recorded
+    out["checked"] = opob._step.separable_checked
     opob.detach()
     return out
+
+
+def s_loss_mixing_samples_other_rank_fine():
+    return _fault(_mlp_with(nn.Tanh()), sizes=(4, 3), mix=True)
+
+
+def s_loss_mixing_samples_other_rank_empty():
+    return _fault(_mlp_with(nn.Tanh()), sizes=(4, 0), mix=True, opob_kw={"agg": "median"})
+
+
+def s_loss_mixing_samples_under_ddp_batch_scope():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    policy = _mlp_with(nn.Tanh())
+    ddp = DDP(policy)  # OPOB on the inner module; the forward through DDP (outside no_sync)
+    kw = {"scope": "batch", "norm_by_std": True}
+    return _fault(policy, sizes=(3, 5), mix=True, opob_kw=kw, fwd=ddp)
 
 
 def s_audit_tied_head():
@@ -357,6 +381,19 @@ def _same_error_everywhere(res, name, *needles, ranks=(0,)):
     for g in got:
         assert g["grads_same"], f"{name}: .grad changed"
         assert g.get("recorded", 0) == 0, f"{name}: activations kept"
+
+
+def test_loss_mixing_samples_on_one_rank_is_refused_everywhere(res):
+    """The first-call per-sample check runs on every rank under a process group; a failure
+    on one rank rides in the next collective: every rank raises the same error, .grad is
+    unchanged and the check stays armed on every rank (the call was refused)."""
+    for name in (
+        "loss_mixing_samples_other_rank_fine",
+        "loss_mixing_samples_other_rank_empty",
+        "loss_mixing_samples_under_ddp_batch_scope",
+    ):
+        _same_error_everywhere(res, name, "does not depend on row i of the batch alone")
+        assert not any(value(res, name, k)["checked"] for k in range(WORLD)), name
 
 
 def test_audit_refusal_reaches_the_empty_rank(res):
