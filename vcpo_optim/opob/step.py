@@ -294,6 +294,17 @@ def _not_separable(worst: tuple[float, str], packed: packing.Packed | None) -> s
     )
 
 
+def _not_additive(worst: tuple[float, str]) -> str:
+    """The total check's refusal."""
+    return (
+        f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
+        f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
+        "something between a recorded module output and its parameters changes the "
+        "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
+        "(remove it, or transform .grad after opob.backward()). Nothing was changed."
+    )
+
+
 class Step:
     """Runs OPOB backward calls and keeps the state of the current optimizer step.
 
@@ -885,19 +896,21 @@ class Step:
                 acc_batch = batch_scope and clip is None  # clipped: one call per step, no sums
                 if two_pass:  # pass 2: the weighted sums from the factors, recomputed again
                     vectors = [r, q_acc] if acc_batch else [coef]
-                    if total_ref is not None:  # the first-call total check: sum_i G_i too
-                        vectors.append(torch.ones(b, dtype=dt, device=dev))
-                    works = self._sum_pass(loss, b, vectors, c.packed)
-                    if total_ref is not None:
-                        ones_id = id(vectors[-1])
-                        self._check_total(
-                            lambda pid: (
-                                works[pid].sums.get(ones_id) if pid in works else None  # type: ignore[attr-defined]
-                            ),
-                            total_ref,
-                        )
+                    ref_norms: dict[int, float] = {}
+                    diffs: dict[int, Tensor] | None = None
+                    if total_ref is not None:  # the first-call total check: sum_i G_i - ref
+                        ref_norms = {
+                            pid: float(g.double().norm())
+                            for pid, g in total_ref.items()
+                            if g is not None
+                        }
+                        diffs = {pid: g.neg_() for pid, g in total_ref.items() if g is not None}
+                        total_ref = None  # each difference is formed in place of its reference
+                    works = self._sum_pass(loss, b, vectors, c.packed, diffs)
+                    if diffs is not None:
+                        self._check_total_diff(diffs, ref_norms)
                         checked = total_conclusive
-                        total_ref = None
+                        del diffs
                 self._write(works, st, bs, ks, r, q_acc, coef, acc_batch, staged, buffered)
             except Exception as exc:
                 if not buffered:
@@ -1206,8 +1219,10 @@ class Step:
         per-sample check's ``ValueError``.
         """
         v = _check_weights(b, loss.device)
-        s1, pgrads, dts = self._sketch_pass(loss, None, b, packed)
-        sv, _, dts2 = self._sketch_pass(loss, v, b, packed)
+        # the weighted pass first: its parameter gradients are dropped before the plain pass
+        # forms the ones kept for the total check (one gradient held, not two)
+        sv, _, dts = self._sketch_pass(loss, v, b, packed)
+        s1, pgrads, dts2 = self._sketch_pass(loss, None, b, packed)
         dts += dts2 + list(self.params.values())
         dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
         tol = TOLERANCE[_least_precise(dts)]
@@ -1292,6 +1307,27 @@ class Step:
             )
         return sk, dict(zip(map(id, params), got)), dts
 
+    def _check_total_diff(self, diffs: dict[int, Tensor], ref_norms: dict[int, float]) -> None:
+        """:meth:`_check_total` from the differences ``sum_i G_i - ref`` (two-pass mode).
+
+        The scale is ``max(|ref|, |diff| - |ref|)`` (``|sum_i G_i| >= |diff| - |ref|``).
+        """
+        dts: list[Tensor] = [p for p in self.params.values()]
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        worst: tuple[float, str] = (0.0, "")
+        for pid, d in diffs.items():
+            dn = float(d.double().norm())
+            rn = ref_norms.get(pid, 0.0)
+            scale = max(rn, dn - rn)
+            if scale == 0.0 or not math.isfinite(scale):
+                continue
+            err = dn / scale
+            if err > tol and err > worst[0]:
+                worst = (err, self.names.get(pid, "?"))
+        if worst[0] > 0.0:
+            raise ValueError(_not_additive(worst))
+
     def _check_total(
         self, mine_of: Callable[[int], Tensor | None], pgrads: dict[int, Tensor | None]
     ) -> None:
@@ -1322,13 +1358,7 @@ class Step:
             if err > tol and err > worst[0]:
                 worst = (err, self.names.get(pid, "?"))
         if worst[0] > 0.0:
-            raise ValueError(
-                f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
-                f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
-                "something between a recorded module output and its parameters changes the "
-                "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
-                "(remove it, or transform .grad after opob.backward()). Nothing was changed."
-            )
+            raise ValueError(_not_additive(worst))
 
     def _norm_pass(
         self,
@@ -1405,16 +1435,24 @@ class Step:
         running.clear()
 
     def _sum_pass(
-        self, loss: Tensor, b: int, vectors: list[Tensor], packed: packing.Packed | None = None
+        self,
+        loss: Tensor,
+        b: int,
+        vectors: list[Tensor],
+        packed: packing.Packed | None = None,
+        diffs: dict[int, Tensor] | None = None,
     ) -> dict[int, Any]:
         """Pass 2 of a call with checkpointed records: ``sum_i c_i G_i`` for each ``c`` in ``vectors``.
 
         The same backward as pass 1 (the records' inputs captured again from the
         recomputation), with each record's factors written into one
         parameter-sized sum per vector as they arrive (the engine's weighted sums,
-        as in the single pass) and freed. Frees the graph.
+        as in the single pass) and freed. Frees the graph. ``diffs`` (the first-call
+        total check): ``sum_i G_i`` is also added into each parameter's entry in place
+        (created at zero where missing).
         """
         sums: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        ones = torch.ones(b, dtype=torch.float64, device=loss.device)
         off = torch.autocast(loss.device.type, enabled=False)
 
         def consume(u: Any, grads: list[Tensor | None]) -> None:
@@ -1428,6 +1466,13 @@ class Step:
                         p, self.names.get(id(p), pname), [fac], min_chunk=LEAN_CHUNK_ELEMS
                     )
                     got = [w.weighted_sum(c) for c in vectors]
+                    if diffs is not None:
+                        one = w.weighted_sum(ones)
+                        d = diffs.get(id(p))
+                        if d is None:
+                            diffs[id(p)] = one
+                        else:
+                            d.add_(one)
                     prev = sums.get(id(p))
                     if prev is None:
                         sums[id(p)] = (p, got)
