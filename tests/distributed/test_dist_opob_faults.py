@@ -310,6 +310,47 @@ def s_failure_while_writing_the_gradient_fsdp2():
     return out
 
 
+def _fsdp2_mixing(sizes):
+    """FSDP2, rank 0's loss mixing its samples (l - l.mean()), then a correct call."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import OPOB
+
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opob = OPOB(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    snap = [p.grad.to_local().clone() for p in model.parameters()]
+    batch = C.local_slice(C.global_batch(63, sizes), sizes, _rank())
+    out = {"raised": None}
+    try:
+        loss = C.per_sample_loss(model, batch)  # the empty rank runs its forward (FSDP2 needs it)
+        if _rank() == 0:
+            loss = loss - loss.mean()
+        opob.backward(loss, batch["reward"])
+    except Exception as exc:
+        out["raised"] = (type(exc).__name__, str(exc))
+    out["grads_same"] = all(
+        torch.equal(p.grad.to_local(), s) for p, s in zip(model.parameters(), snap)
+    )
+    out["armed"] = not opob._step.separable_checked
+    opob.backward(C.per_sample_loss(model, batch), batch["reward"])  # correct: passes
+    out["checked"] = opob._step.separable_checked
+    return out
+
+
+def s_fsdp2_loss_mixing_samples_rank0():
+    return _fsdp2_mixing((4, 3))
+
+
+def s_fsdp2_loss_mixing_samples_other_rank_empty():
+    return _fsdp2_mixing((4, 0))
+
+
 def s_invalid_input_on_the_empty_rank():
     """Rewards of length 2 with an empty loss on rank 1."""
     from vcpo_optim import OPOB
@@ -394,6 +435,15 @@ def test_loss_mixing_samples_on_one_rank_is_refused_everywhere(res):
     ):
         _same_error_everywhere(res, name, "does not depend on row i of the batch alone")
         assert not any(value(res, name, k)["checked"] for k in range(WORLD)), name
+
+
+def test_loss_mixing_samples_on_one_rank_is_refused_everywhere_under_fsdp2(res):
+    """FSDP2: every rank runs the check's extra backward (its all-gathers match), whatever its
+    B; the refusal is agreed, nothing changes, and a correct call then passes on every rank."""
+    for name in ("fsdp2_loss_mixing_samples_rank0", "fsdp2_loss_mixing_samples_other_rank_empty"):
+        _same_error_everywhere(res, name, "does not depend on row i of the batch alone")
+        got = [value(res, name, k) for k in range(WORLD)]
+        assert all(g["armed"] and g["checked"] for g in got), (name, got)
 
 
 def test_audit_refusal_reaches_the_empty_rank(res):

@@ -347,7 +347,7 @@ class Step:
         # the per-sample check (:meth:`_check_separable`) ran conclusively once
         self.separable_checked = False
         self._separable_pending: (
-            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None]] | None
+            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None] | None] | None
         ) = None
 
     # ------------------------------------------------------------------ optimizer step
@@ -787,33 +787,42 @@ class Step:
                         total_ref, total_conclusive = self._check_separable_lean(loss, b, c.packed)
                 else:
                     # regions recomputable once (selective checkpointing) allow one pass only
-                    check = (
-                        b > 1
-                        and not self.separable_checked
-                        and not reducer.fsdp
+                    armed = (
+                        not self.separable_checked
                         and reducer.tp_group is None
                         and not self.tape.once
                     )
-                    grads = self._autograd(loss, separable=b if check else None)
+                    # FSDP2: the check's backward all-gathers like any other, so every rank
+                    # runs it (whatever its B); autograd's gradient is of the unsharded
+                    # parameters, which OPOB does not track: no total check
+                    check = armed and (reducer.fsdp or b > 1)
+                    grads = self._autograd(
+                        loss, separable=b if check else None, totals=not reducer.fsdp
+                    )
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 if b and not two_pass:
                     works = self._factors(grads, b, c.packed)
-                    if self._separable_pending is not None:  # after the factors' own checks
-                        gv, v, pgrads = self._separable_pending
-                        self._separable_pending = None
+                pending, self._separable_pending = self._separable_pending, None
+                if pending is not None:  # after the factors' own checks
+                    gv, v, pgrads = pending
+                    if b and not two_pass:
                         conclusive = self._check_separable(gv, grads, v, c.packed)
-                        ones = torch.ones(b, dtype=torch.float64, device=dev)
-                        self._check_total(
-                            lambda pid: (
-                                works[pid].weighted_sum(ones)
-                                if pid in works and works[pid].factors
-                                else None
-                            ),
-                            pgrads,
-                        )
+                        if pgrads is not None:
+                            ones = torch.ones(b, dtype=torch.float64, device=dev)
+                            self._check_total(
+                                lambda pid: (
+                                    works[pid].weighted_sum(ones)
+                                    if pid in works and works[pid].factors
+                                    else None
+                                ),
+                                pgrads,
+                            )
                         # disarmed at the commit: a refused call (on any rank) is checked
                         # again on the next call
                         checked = conclusive
+                    # FSDP2: disarmed on every rank together (each must run the same backwards)
+                    checked = checked or reducer.fsdp
+                    del gv, pending
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -1078,6 +1087,7 @@ class Step:
         inputs: list[Any] | None = None,
         retain: bool = False,
         separable: int | None = None,
+        totals: bool = True,
     ) -> tuple[Tensor | None, ...]:
         """An autograd pass of OPOB (the tape paused): gradients of ``sum_i l_i`` at every
         recorded module output (the single pass), or at ``inputs`` (the two passes of
@@ -1093,9 +1103,12 @@ class Step:
                 total = loss.sum()
             if separable is None:
                 grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
-            else:  # also autograd's own gradient of sum_i l_i, for the check
+            else:  # also autograd's own gradient of sum_i l_i, for the check (``totals``)
                 both = torch.autograd.grad(
-                    total, [*inputs, *params], retain_graph=True, allow_unused=True
+                    total,
+                    [*inputs, *(params if totals else ())],
+                    retain_graph=True,
+                    allow_unused=True,
                 )
                 grads, pgrads = both[: len(inputs)], both[len(inputs) :]
             if separable is not None:
@@ -1109,7 +1122,11 @@ class Step:
                         raise
                     self.separable_checked = True  # this model's graph cannot be checked
                 else:
-                    self._separable_pending = (gv, v, dict(zip(map(id, params), pgrads)))
+                    self._separable_pending = (
+                        gv,
+                        v,
+                        dict(zip(map(id, params), pgrads)) if totals else None,
+                    )
         except RuntimeError as e:
             if "heckpoint" in str(e):
                 raise ValueError(recompute.REENTRANT) from e
