@@ -153,7 +153,7 @@ class OPOB:
             faster, no memory saving). ``True``: like ``"auto"``, but a
             ``ValueError`` at construction where the inputs would be held.
         check_first_call: default ``True``: the first call with ``B >= 2`` (per
-            rank; every rank under FSDP2; not under tensor parallelism, nor with
+            rank; every rank under FSDP2 / tensor parallelism; not with
             selective checkpointing) runs one more autograd pass, with the
             parameters' gradients (two more, keeping only random projections of
             the output gradients, when checkpointed regions are recomputed), and
@@ -162,8 +162,8 @@ class OPOB:
             gradient of ``sum_i v_i l_i`` at every recorded output must be ``v_i``
             times that of ``sum_i l_i``, for random powers of two ``v_i``) and
             per-sample gradients that do not add up to autograd's gradient of
-            ``sum_i l_i`` (a gradient hook on a module output; not under FSDP2,
-            whose autograd gradients are of its unsharded copies). Under a process
+            ``sum_i l_i`` (a gradient hook on a module output; not under FSDP2 /
+            TP, whose autograd gradients are of unsharded copies / shards). Under a process
             group every rank raises the same error when one rank fails. About 2x
             that call's time and one extra gradient's memory, once (until a call
             passes it conclusively). ``False``: skip it.
@@ -614,7 +614,7 @@ class OPOB:
                 call with a module that is not token-local, whose records do not
                 hold the packed tokens, or whose padding reaches the loss, or a second call in a step with
                 ``scope="batch"`` and ``max_sample_grad_norm``, gradient hooks on trainable
-                parameters, or (checked on the first call, except under tensor parallelism, with
+                parameters, or (checked on the first call, except with selective checkpointing, with
                 one more autograd pass) a loss whose entry ``i`` depends on other rows or
                 segments than ``i`` (reordered, mixed, packed segments attending to each other). Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process

@@ -787,17 +787,15 @@ class Step:
                         total_ref, total_conclusive = self._check_separable_lean(loss, b, c.packed)
                 else:
                     # regions recomputable once (selective checkpointing) allow one pass only
-                    armed = (
-                        not self.separable_checked
-                        and reducer.tp_group is None
-                        and not self.tape.once
-                    )
-                    # FSDP2: the check's backward all-gathers like any other, so every rank
-                    # runs it (whatever its B); autograd's gradient is of the unsharded
-                    # parameters, which OPOB does not track: no total check
-                    check = armed and (reducer.fsdp or b > 1)
+                    armed = not self.separable_checked and not self.tape.once
+                    # FSDP2 / tensor parallelism: the check's backward issues collectives
+                    # (all-gathers, TP all-reduces) like any other, so every rank runs it
+                    # (whatever its B); autograd's gradient is then of FSDP2's unsharded
+                    # copies or TP shards, which OPOB does not track: no total check
+                    lockstep = reducer.fsdp or reducer.tp_group is not None
+                    check = armed and (lockstep or b > 1)
                     grads = self._autograd(
-                        loss, separable=b if check else None, totals=not reducer.fsdp
+                        loss, separable=b if check else None, totals=not lockstep
                     )
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 if b and not two_pass:
@@ -820,8 +818,8 @@ class Step:
                         # disarmed at the commit: a refused call (on any rank) is checked
                         # again on the next call
                         checked = conclusive
-                    # FSDP2: disarmed on every rank together (each must run the same backwards)
-                    checked = checked or reducer.fsdp
+                    # FSDP2 / TP: disarmed on every rank together (all run the same backwards)
+                    checked = checked or reducer.fsdp or reducer.tp_group is not None
                     del gv, pending
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
