@@ -113,6 +113,7 @@ def _run(model, opob, opt, sizes=SIZES, micro=1, ctx=None):
                 "grads": [None if g is None else g.clone() for g in grads],
                 "params": C.params_of(opob.model),
                 "deferred": deferred,
+                "checked": opob._step.separable_checked,
             }
         )
     return out
@@ -167,6 +168,36 @@ def s_ddp_ckpt_fault_in_pass1_rank1():
         raise
     finally:
         RULES[nn.Linear] = rule
+
+
+def s_ddp_ckpt_loss_mixing_samples_rank0():
+    """The first-call per-sample check in the two-pass mode, failing on rank 0 only: both
+    ranks raise the same error, no .grad, the check still armed; the next (correct) call
+    passes it on both ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vcpo_optim.opob import OPOB
+
+    policy = CkMLP(0)
+    model = DDP(policy)
+    opob = OPOB(policy, scope="group")
+    batch = _batch(STEPS[0], SIZES, _rank())
+    out = {}
+    try:
+        with model.no_sync():
+            loss = C.per_sample_loss(model, batch)
+            assert any(u.deferred for u in opob._tape)
+            if _rank() == 0:
+                loss = loss - loss.mean()
+            opob.backward(loss, batch["reward"], batch["groups"])
+    except ValueError as exc:
+        out["raised"] = str(exc)
+    out["grads_none"] = all(p.grad is None for p in policy.parameters())
+    out["armed"] = not opob._step.separable_checked
+    with model.no_sync():
+        opob.backward(C.per_sample_loss(model, batch), batch["reward"], batch["groups"])
+    out["checked"] = opob._step.separable_checked
+    return out
 
 
 def _fsdp(checkpointing="auto"):
@@ -235,6 +266,7 @@ def _oracle_check(got_ranks, scopes_of, make, per_call=True):
 def test_ddp_checkpointed_equals_the_per_sample_oracle(res):
     got = values(res, "ddp_ckpt_group")
     assert all(d == [2] for rank in got for step in rank for d in [step["deferred"]])
+    assert all(step["checked"] for rank in got for step in rank)  # the first-call check ran
     _oracle_check(got, lambda gb: gb["groups"].tolist(), CkMLP)
 
 
@@ -249,6 +281,14 @@ def test_failure_in_pass_1_is_raised_on_every_rank(res):
     assert errs[0] == errs[1]
     assert errs[0][0] == "ValueError" and "rank(s) [1]" in errs[0][1]
     assert "rule broke on purpose" in errs[0][1]
+
+
+def test_loss_mixing_samples_refused_on_every_rank_in_the_two_pass_mode(res):
+    got = values(res, "ddp_ckpt_loss_mixing_samples_rank0")
+    assert got[0]["raised"] == got[1]["raised"]
+    assert "rank(s) [0]" in got[0]["raised"]
+    assert "does not depend on row i of the batch alone" in got[0]["raised"]
+    assert all(g["grads_none"] and g["armed"] and g["checked"] for g in got)
 
 
 def test_fsdp2_holds_the_inputs_exactly_and_says_so(res):

@@ -281,6 +281,7 @@ def s_public_opob_class_under_ddp():
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
     out = run_opob(model, opob, opt, STEPS, SIZES, _rank(), ctx=model.no_sync)
     out[0]["class"] = type(opob).__name__
+    out[0]["checked"] = opob._step.separable_checked  # the first-call check ran, passed
     return out
 
 
@@ -344,7 +345,9 @@ def s_ddp_without_no_sync():
     model = DDP(policy)
     opob = DistributedOPOB(policy, scope="group")
     opt = VCPOAdamW(model.parameters(), lr=1e-2)
-    return run_opob(model, opob, opt, STEPS, SIZES, _rank())
+    out = run_opob(model, opob, opt, STEPS, SIZES, _rank())
+    out[0]["checked"] = opob._step.separable_checked  # its extra pass left DDP's reducer alone
+    return out
 
 
 def s_fault_nan_reward_rank1():
@@ -626,6 +629,7 @@ def test_ddp_rank_with_no_samples_and_accumulation(res):
 def test_public_opob_class_is_distributed(res):
     got = values(res, "public_opob_class_under_ddp")
     assert got[0][0]["class"] == "OPOB"  # one class; DistributedOPOB is an alias of it
+    assert all(g[0]["checked"] for g in got)  # the first-call check ran on every rank
     from vcpo_optim.opob import OPOB, DistributedOPOB
 
     assert DistributedOPOB is OPOB
@@ -652,7 +656,9 @@ def test_fsdp2_root_only_equals_single_process(res):
 
 
 def test_ddp_forward_outside_no_sync(res):
-    _compare(values(res, "ddp_without_no_sync"), reference(scope="group"), SIZES)
+    got = values(res, "ddp_without_no_sync")
+    assert all(g[0]["checked"] for g in got)  # the first-call check ran on every rank
+    _compare(got, reference(scope="group"), SIZES)
 
 
 def test_fault_nan_reward_on_one_rank_raises_everywhere(res):

@@ -111,11 +111,15 @@ def _fault(
     forward_on_empty=False,
     poison=None,
     before=None,
+    mix=False,
+    fwd=None,
 ):
     """One backward call; returns how it ended on this rank, and whether .grad is unchanged.
 
     ``groups(rank)`` gives the rank's group ids (or None); ``poison(x)`` alters rank 0's
-    inputs; ``before(opob)`` runs successful calls first (their gradients are the snapshot).
+    inputs; ``before(opob)`` runs successful calls first (their gradients are the snapshot);
+    ``mix``: rank 0's loss mixes its samples (``l - l.mean()``); ``fwd``: the module whose
+    forward runs (e.g. the DDP wrapper of ``model``).
     """
     from vcpo_optim import OPOB
 
@@ -131,7 +135,9 @@ def _fault(
     if rank == 0 and poison is not None:
         x = poison(x.clone())
     if len(x) or forward_on_empty:
-        loss = _loss(model, x)
+        loss = _loss(model if fwd is None else fwd, x)
+        if mix and rank == 0:
+            loss = loss - loss.mean()
     else:
         loss = torch.zeros(0, dtype=DT, requires_grad=True)
     g = None if groups is None else groups(rank, len(x))
@@ -143,8 +149,26 @@ def _fault(
         out["raised"] = (type(exc).__name__, str(exc))
     out["grads_same"] = all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), snap))
     out["recorded"] = opob.num_recorded
+    out["checked"] = opob._step.separable_checked
     opob.detach()
     return out
+
+
+def s_loss_mixing_samples_other_rank_fine():
+    return _fault(_mlp_with(nn.Tanh()), sizes=(4, 3), mix=True)
+
+
+def s_loss_mixing_samples_other_rank_empty():
+    return _fault(_mlp_with(nn.Tanh()), sizes=(4, 0), mix=True, opob_kw={"agg": "median"})
+
+
+def s_loss_mixing_samples_under_ddp_batch_scope():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    policy = _mlp_with(nn.Tanh())
+    ddp = DDP(policy)  # OPOB on the inner module; the forward through DDP (outside no_sync)
+    kw = {"scope": "batch", "norm_by_std": True}
+    return _fault(policy, sizes=(3, 5), mix=True, opob_kw=kw, fwd=ddp)
 
 
 def s_audit_tied_head():
@@ -286,6 +310,47 @@ def s_failure_while_writing_the_gradient_fsdp2():
     return out
 
 
+def _fsdp2_mixing(sizes):
+    """FSDP2, rank 0's loss mixing its samples (l - l.mean()), then a correct call."""
+    from torch.distributed.fsdp import fully_shard
+
+    from vcpo_optim import OPOB
+
+    model = C.make_mlp(0)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opob = OPOB(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    snap = [p.grad.to_local().clone() for p in model.parameters()]
+    batch = C.local_slice(C.global_batch(63, sizes), sizes, _rank())
+    out = {"raised": None}
+    try:
+        loss = C.per_sample_loss(model, batch)  # the empty rank runs its forward (FSDP2 needs it)
+        if _rank() == 0:
+            loss = loss - loss.mean()
+        opob.backward(loss, batch["reward"])
+    except Exception as exc:
+        out["raised"] = (type(exc).__name__, str(exc))
+    out["grads_same"] = all(
+        torch.equal(p.grad.to_local(), s) for p, s in zip(model.parameters(), snap)
+    )
+    out["armed"] = not opob._step.separable_checked
+    opob.backward(C.per_sample_loss(model, batch), batch["reward"])  # correct: passes
+    out["checked"] = opob._step.separable_checked
+    return out
+
+
+def s_fsdp2_loss_mixing_samples_rank0():
+    return _fsdp2_mixing((4, 3))
+
+
+def s_fsdp2_loss_mixing_samples_other_rank_empty():
+    return _fsdp2_mixing((4, 0))
+
+
 def s_invalid_input_on_the_empty_rank():
     """Rewards of length 2 with an empty loss on rank 1."""
     from vcpo_optim import OPOB
@@ -357,6 +422,28 @@ def _same_error_everywhere(res, name, *needles, ranks=(0,)):
     for g in got:
         assert g["grads_same"], f"{name}: .grad changed"
         assert g.get("recorded", 0) == 0, f"{name}: activations kept"
+
+
+def test_loss_mixing_samples_on_one_rank_is_refused_everywhere(res):
+    """The first-call per-sample check runs on every rank under a process group; a failure
+    on one rank rides in the next collective: every rank raises the same error, .grad is
+    unchanged and the check stays armed on every rank (the call was refused)."""
+    for name in (
+        "loss_mixing_samples_other_rank_fine",
+        "loss_mixing_samples_other_rank_empty",
+        "loss_mixing_samples_under_ddp_batch_scope",
+    ):
+        _same_error_everywhere(res, name, "does not depend on row i of the batch alone")
+        assert not any(value(res, name, k)["checked"] for k in range(WORLD)), name
+
+
+def test_loss_mixing_samples_on_one_rank_is_refused_everywhere_under_fsdp2(res):
+    """FSDP2: every rank runs the check's extra backward (its all-gathers match), whatever its
+    B; the refusal is agreed, nothing changes, and a correct call then passes on every rank."""
+    for name in ("fsdp2_loss_mixing_samples_rank0", "fsdp2_loss_mixing_samples_other_rank_empty"):
+        _same_error_everywhere(res, name, "does not depend on row i of the batch alone")
+        got = [value(res, name, k) for k in range(WORLD)]
+        assert all(g["armed"] and g["checked"] for g in got), (name, got)
 
 
 def test_audit_refusal_reaches_the_empty_rank(res):

@@ -180,6 +180,44 @@ def _tp_fault(stage: str, failing_rank: int):
     return {"raised": raised, "grads_same": same}
 
 
+def s_tp_loss_mixing_samples_on_replica_0():
+    """The first-call per-sample check under TP x DP: replica 0's loss mixes its samples; every
+    rank of the mesh runs the check's backward (replica 1 has 3 samples), all raise the same
+    error, nothing changes; a correct call then passes and disarms it everywhere."""
+    from vcpo_optim import OPOB
+
+    mesh = _mesh()
+    model = _tp_model(mesh)
+    opob = OPOB(
+        model,
+        process_group=mesh["dp"].get_group(),
+        tensor_parallel_group=mesh["tp"].get_group(),
+    )
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    snap = [_full(p.grad) for p in model.parameters()]
+    gb = C.global_batch(53, SIZES)
+    gb["groups"] = GROUPS
+    batch = C.local_slice(gb, SIZES, _dp_rank())
+    loss = _surrogate(model, batch)
+    if _dp_rank() == 0:
+        loss = loss - loss.mean()
+    try:
+        opob.backward(loss, batch["reward"], batch["groups"])
+        raised = None
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    same = all(torch.equal(_full(p.grad), s) for p, s in zip(model.parameters(), snap))
+    armed = not opob._step.separable_checked
+    opob.backward(_surrogate(model, batch), batch["reward"], batch["groups"])
+    return {
+        "raised": raised,
+        "grads_same": same,
+        "armed": armed,
+        "checked": opob._step.separable_checked,
+    }
+
+
 def s_tp_fault_norms_on_one_tp_rank():
     return _tp_fault("norms", 1)
 
@@ -350,6 +388,17 @@ def test_a_failure_on_one_rank_of_the_mesh_reaches_every_rank(res, name, rank, c
     assert kind == "ValueError" and cause in msg, msg
     assert "tensor-parallel group" in msg and f"rank {rank % TP}" in msg, msg
     assert all(g["grads_same"] for g in got)
+
+
+def test_loss_mixing_samples_on_one_replica_is_refused_on_every_rank(res):
+    got = values(res, "tp_loss_mixing_samples_on_replica_0")
+    raised = [g["raised"] for g in got]
+    assert all(r is not None for r in raised), raised
+    assert len(set(raised)) == 1, raised  # the same error on all 4 ranks
+    kind, msg = raised[0]
+    assert kind == "ValueError" and "does not depend on row i of the batch alone" in msg, msg
+    assert "rank(s) [0]" in msg, msg  # data-parallel rank 0 (replica 0)
+    assert all(g["grads_same"] and g["armed"] and g["checked"] for g in got)
 
 
 def test_hsdp_opob_equals_single_process(res):

@@ -622,3 +622,45 @@ def test_checkpointed_memory_within_1_3x_of_plain_checkpointed_training():
     assert no_ckpt > 2.5 * base  # activations dominate: checkpointing saves most of the memory
     assert ours <= 1.3 * base, (ours / 2**20, base / 2**20, no_ckpt / 2**20, hungry / 2**20)
     assert hungry > 1.3 * base  # the memory the inputs held on the tape cost
+
+
+def test_first_call_checks_run_in_the_two_pass_mode(monkeypatch):
+    """The per-sample check and the total check run on checkpointed (deferred) records: a loss
+    mixing samples is refused with nothing changed; so is a call whose per-sample sums miss
+    autograd's own gradient (simulated: that gradient perturbed); a hook rescaling a recorded
+    output's gradient is seen by pass 1 and 2 alike (exact, unlike the single pass, which
+    refuses it); a correct call passes and disarms the check."""
+    from vcpo_optim.opob import step as st
+
+    model = _lm()
+    ids, mask = lm_batch(b=5, t=7, seed=11)
+    fn = lm_loss(ids, mask)
+    r = torch.randn(5, dtype=DT)
+    with OPOB(model) as opob:
+        loss = fn(model)
+        assert any(u.deferred for u in opob._tape)
+        with pytest.raises(ValueError, match=r"does not depend on row i of the batch alone"):
+            opob.backward(loss - loss.mean(), r)
+        assert all(p.grad is None for p in model.parameters())
+        assert not opob._step.separable_checked  # refused: still armed
+        orig = st.Step._sketch_pass
+
+        def off(self, loss, v, b, packed):
+            sk, grads, dts = orig(self, loss, v, b, packed)
+            pid = id(model.blocks[1].fc1.weight)
+            grads[pid] = grads[pid] * 1.01
+            return sk, grads, dts
+
+        monkeypatch.setattr(st.Step, "_sketch_pass", off)
+        with pytest.raises(ValueError, match=r"'blocks\.1\.fc1\.weight' do not add up"):
+            opob.backward(fn(model), r)
+        assert all(p.grad is None for p in model.parameters())
+        assert not opob._step.separable_checked
+    monkeypatch.undo()
+
+    def rescale(mod, args, out):
+        out.register_hook(lambda g: 2 * g)
+
+    h = model.blocks[1].fc1.register_forward_hook(rescale)
+    _check(model, fn, r, torch.tensor([0, 0, 1, 1, 1]), [0, 0, 1, 1, 1], scope="group")
+    h.remove()

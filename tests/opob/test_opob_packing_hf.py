@@ -193,6 +193,50 @@ def test_packed_segments_attending_to_each_other_refused(kw):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_packed_segments_attending_to_each_other_refused_under_gradient_checkpointing():
+    """The leak with gradient_checkpointing_enable() (an all-ones mask; transformers turns the
+    KV cache off itself under checkpointing in training): OPOB's two-pass recompute mode runs
+    the per-sample check on the recomputed outputs (its lean, projected form) and refuses it."""
+    model = _model("qwen2", "sdpa", torch.float64)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, pos, cu, w = _batch()
+    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
+    with OPOB(model) as opob:
+        out = model(
+            input_ids=ids[None], position_ids=pos[None], attention_mask=torch.ones_like(ids[None])
+        )
+        assert opob._tape.deferred  # the two-pass mode, not held inputs
+        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
+        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        with pytest.raises(ValueError, match=r"attention across trajectories.*use_cache=False"):
+            opob.backward(loss, torch.tensor(REWARDS, dtype=torch.float64), cu_seqlens=cu)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+@pytest.mark.parametrize("kw", [{}, {"use_cache": False}], ids=["default_use_cache", "no_cache"])
+def test_packed_gradient_checkpointing_matches_segments_alone_and_is_checked(kw):
+    """A correct packed, checkpointed run passes the first-call check (armed before, disarmed
+    after) and is exact against each segment run alone. With checkpointing in training mode
+    transformers sets use_cache=False itself, so the default is isolated too (unlike above)."""
+    model = _model("qwen2", "sdpa", torch.float64)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, pos, cu, w = _batch()
+    rewards = torch.tensor(REWARDS, dtype=torch.float64)
+    alone = oracle(model, _alone(ids, cu, w), rewards, GROUPS, "mean", True)
+    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
+    model.zero_grad(set_to_none=True)
+    with OPOB(model, scope="group", norm_by_std=True) as opob:
+        out = model(input_ids=ids[None], position_ids=pos[None], **kw)
+        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
+        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        assert opob._tape.deferred and not opob._step.separable_checked
+        res = opob.backward(loss, rewards, torch.tensor(GROUPS), cu_seqlens=cu)
+        assert opob._step.separable_checked  # ran, passed, disarmed
+    _check(res, alone, model, 1e-9)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_peft_lora_and_dora_packed(dora):

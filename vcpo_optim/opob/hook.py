@@ -152,16 +152,21 @@ class OPOB:
             memory is not saved). ``False``: always hold the inputs (one pass,
             faster, no memory saving). ``True``: like ``"auto"``, but a
             ``ValueError`` at construction where the inputs would be held.
-        check_first_call: default ``True``: the first single-pass call of a
-            single process (no process group, no recomputed checkpoint regions)
-            runs one more autograd pass, with the parameters' gradients, and
+        check_first_call: default ``True``: the first call with ``B >= 2`` (per
+            rank; every rank under FSDP2 / tensor parallelism; not with
+            selective checkpointing) runs one more autograd pass, with the
+            parameters' gradients (two more, keeping only random projections of
+            the output gradients, when checkpointed regions are recomputed), and
             refuses a ``per_sample_loss`` that is not per-sample (entry ``i``
             depending on other rows, or on other segments of a packed row: the
             gradient of ``sum_i v_i l_i`` at every recorded output must be ``v_i``
             times that of ``sum_i l_i``, for random powers of two ``v_i``) and
             per-sample gradients that do not add up to autograd's gradient of
-            ``sum_i l_i`` (a gradient hook on a module output). About 2x that
-            call's time and one extra gradient's memory, once. ``False``: skip it.
+            ``sum_i l_i`` (a gradient hook on a module output; not under FSDP2 /
+            TP, whose autograd gradients are of unsharded copies / shards). Under a process
+            group every rank raises the same error when one rank fails. About 2x
+            that call's time and one extra gradient's memory, once (until a call
+            passes it conclusively). ``False``: skip it.
 
     Per-trajectory clipping (``max_sample_grad_norm``) is Opacus-style
     clipping of the summands actually written: each ``x_i = c_i grad l_i``
@@ -609,7 +614,7 @@ class OPOB:
                 call with a module that is not token-local, whose records do not
                 hold the packed tokens, or whose padding reaches the loss, or a second call in a step with
                 ``scope="batch"`` and ``max_sample_grad_norm``, gradient hooks on trainable
-                parameters, or (checked on the first single-process, single-pass call, with
+                parameters, or (checked on the first call, except with selective checkpointing, with
                 one more autograd pass) a loss whose entry ``i`` depends on other rows or
                 segments than ``i`` (reordered, mixed, packed segments attending to each other). Raised before any ``.grad`` or OPOB state
                 changes; the recorded activations are dropped. Under a process

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,82 @@ class _Call:
     packed: packing.Packed | None = None  # this rank's packed layout (cu_seqlens), or None
 
 
+#: Random projections per row of the lean per-sample check (checkpointed calls).
+SKETCH_K = 8
+
+
+def _check_weights(b: int, device: torch.device) -> Tensor:
+    """The per-sample check's weights ``v_i``: random powers of two (fixed seed).
+
+    Scaling the loss by ``v_i`` scales every gradient of a separable loss exactly (no
+    rounding), so only a real dependence on other samples shows."""
+    gen = torch.Generator().manual_seed(0x5E9A)
+    k = torch.randint(-3, 4, (b,), generator=gen)
+    return torch.exp2(k.to(torch.float64)).to(device)
+
+
+def _sketch(
+    u: Any, g: Tensor, b: int, packed: packing.Packed | None, key: tuple[int, int]
+) -> Tensor | None:
+    """``[rows, K]`` bilinear projections ``z_t^T G_r z_h`` of a recorded output's gradient.
+
+    Rows are the batch rows, or the tokens of a packed row (up to ``cu[B]``); ``None`` when
+    the output has neither (the full check skips such outputs too). ``z`` is Gaussian,
+    seeded by ``key`` (the same in both backwards of the check).
+    """
+    if packed is not None:
+        ax = packed.axes.get(id(u))
+        if ax is None:
+            return None
+        g = packing.token_view(g, ax[0], packed.n, ax[1])[: packed.seg.n_tokens]
+    elif g.dim() == 0 or g.shape[0] != b:
+        return None
+    if g.dim() == 0:
+        return None
+    rows = g.shape[0]
+    h = g.shape[-1] if g.dim() > 1 else 1
+    m = g.reshape(rows, -1, h)
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    gen = torch.Generator().manual_seed(0x5E9B + 7919 * key[0] + key[1])
+    zt = torch.randn(SKETCH_K, m.shape[1], generator=gen, dtype=torch.float64)
+    zh = torch.randn(SKETCH_K, h, generator=gen, dtype=torch.float64)
+    t = torch.einsum("rth,kh->rkt", m, zh.to(m.device, m.dtype))
+    return torch.einsum("rkt,kt->rk", t.double(), zt.to(m.device))
+
+
+def _not_separable(worst: tuple[float, str], packed: packing.Packed | None) -> str:
+    """The per-sample check's refusal."""
+    where = "segment i of the packed row (cu_seqlens)" if packed is not None else "row i"
+    leak = (
+        " In a packed row the usual cause is attention across trajectories: with "
+        "transformers pass position_ids restarting at 0 per trajectory, "
+        "attention_mask=None and use_cache=False."
+        if packed is not None
+        else ""
+    )
+    return (
+        f"OPOB: per_sample_loss[i] does not depend on {where} of the batch alone: at "
+        f"module '{worst[1]}' the gradient of sum_i v_i l_i differs from v_i times that "
+        f"of sum_i l_i by {worst[0]:.2g} (relative) for random v. OPOB's per-sample "
+        "norms would be wrong. The loss must be in the order of the batch rows (not "
+        "sorted, shuffled or reordered after the forward) and entry i must not mix in "
+        f"other samples (e.g. l - l.mean(), a batch-level normaliser with grad).{leak} "
+        "Nothing was changed."
+    )
+
+
+def _not_additive(worst: tuple[float, str]) -> str:
+    """The total check's refusal."""
+    return (
+        f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
+        f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
+        "something between a recorded module output and its parameters changes the "
+        "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
+        "(remove it, or transform .grad after opob.backward()). Nothing was changed."
+    )
+
+
 class Step:
     """Runs OPOB backward calls and keeps the state of the current optimizer step.
 
@@ -270,7 +347,7 @@ class Step:
         # the per-sample check (:meth:`_check_separable`) ran conclusively once
         self.separable_checked = False
         self._separable_pending: (
-            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None]] | None
+            tuple[tuple[Tensor | None, ...], Tensor, dict[int, Tensor | None] | None] | None
         ) = None
 
     # ------------------------------------------------------------------ optimizer step
@@ -692,6 +769,10 @@ class Step:
         works: dict[int, Any] = {}
         parts: list[tuple[Tensor, Tensor]] = []
         sq = torch.zeros(b, dtype=dt, device=dev)
+        checked = False  # the first-call checks ran conclusively and passed on this rank
+        # two passes: autograd's gradient of sum_i l_i, for the total check after pass 2
+        total_ref: dict[int, Tensor | None] | None = None
+        total_conclusive = False
         try:
             grads: tuple[Tensor | None, ...] = ()
             two_pass = False  # checkpointed modules: norms while recomputing, then the gradient
@@ -700,25 +781,46 @@ class Step:
                 two_pass = b > 0 and self.tape.deferred
                 if two_pass:
                     self._norm_pass(loss, b, ns_acc, dt, parts, c.packed)
+                    if b > 1 and not self.separable_checked:  # (FSDP2 / TP hold: no two passes)
+                        # after pass 1 (which refuses a recomputation that differs): the checks'
+                        # two extra backwards see the outputs recomputed like passes 1 and 2
+                        total_ref, total_conclusive = self._check_separable_lean(loss, b, c.packed)
                 else:
                     # regions recomputable once (selective checkpointing) allow one pass only
-                    check = (
-                        b > 1
-                        and not self.separable_checked
-                        and reducer.local()
-                        and not self.tape.once
+                    armed = not self.separable_checked and not self.tape.once
+                    # FSDP2 / tensor parallelism: the check's backward issues collectives
+                    # (all-gathers, TP all-reduces) like any other, so every rank runs it
+                    # (whatever its B); autograd's gradient is then of FSDP2's unsharded
+                    # copies or TP shards, which OPOB does not track: no total check
+                    lockstep = reducer.fsdp or reducer.tp_group is not None
+                    check = armed and (lockstep or b > 1)
+                    grads = self._autograd(
+                        loss, separable=b if check else None, totals=not lockstep
                     )
-                    grads = self._autograd(loss, separable=b if check else None)
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 if b and not two_pass:
                     works = self._factors(grads, b, c.packed)
-                    if self._separable_pending is not None:  # after the factors' own checks
-                        gv, v, pgrads = self._separable_pending
-                        self._separable_pending = None
+                pending, self._separable_pending = self._separable_pending, None
+                if pending is not None:  # after the factors' own checks
+                    gv, v, pgrads = pending
+                    if b and not two_pass:
                         conclusive = self._check_separable(gv, grads, v, c.packed)
-                        self._check_total(works, pgrads, b)
-                        # a refused call is checked again on the next call
-                        self.separable_checked = conclusive
+                        if pgrads is not None:
+                            ones = torch.ones(b, dtype=torch.float64, device=dev)
+                            self._check_total(
+                                lambda pid: (
+                                    works[pid].weighted_sum(ones)
+                                    if pid in works and works[pid].factors
+                                    else None
+                                ),
+                                pgrads,
+                            )
+                        # disarmed at the commit: a refused call (on any rank) is checked
+                        # again on the next call
+                        checked = conclusive
+                    # FSDP2 / TP: disarmed on every rank together (all run the same backwards)
+                    checked = checked or reducer.fsdp or reducer.tp_group is not None
+                    del gv, pending
                 grads = ()
                 if not two_pass:  # pass 2 needs the records again
                     self.tape.clear()  # the factors hold what is still needed; free the rest now
@@ -800,7 +902,22 @@ class Step:
             try:
                 acc_batch = batch_scope and clip is None  # clipped: one call per step, no sums
                 if two_pass:  # pass 2: the weighted sums from the factors, recomputed again
-                    works = self._sum_pass(loss, b, [r, q_acc] if acc_batch else [coef], c.packed)
+                    vectors = [r, q_acc] if acc_batch else [coef]
+                    ref_norms: dict[int, float] = {}
+                    diffs: dict[int, Tensor] | None = None
+                    if total_ref is not None:  # the first-call total check: sum_i G_i - ref
+                        ref_norms = {
+                            pid: float(g.double().norm())
+                            for pid, g in total_ref.items()
+                            if g is not None
+                        }
+                        diffs = {pid: g.neg_() for pid, g in total_ref.items() if g is not None}
+                        total_ref = None  # each difference is formed in place of its reference
+                    works = self._sum_pass(loss, b, vectors, c.packed, diffs)
+                    if diffs is not None:
+                        self._check_total_diff(diffs, ref_norms)
+                        checked = total_conclusive
+                        del diffs
                 self._write(works, st, bs, ks, r, q_acc, coef, acc_batch, staged, buffered)
             except Exception as exc:
                 if not buffered:
@@ -845,6 +962,8 @@ class Step:
             if batch_scope:
                 st.weighted = c.weighted
             self.state = st
+            if checked:
+                self.separable_checked = True
         return OPOBResult(
             sq_norms=sq,
             baselines=base,
@@ -966,6 +1085,7 @@ class Step:
         inputs: list[Any] | None = None,
         retain: bool = False,
         separable: int | None = None,
+        totals: bool = True,
     ) -> tuple[Tensor | None, ...]:
         """An autograd pass of OPOB (the tape paused): gradients of ``sum_i l_i`` at every
         recorded module output (the single pass), or at ``inputs`` (the two passes of
@@ -981,17 +1101,16 @@ class Step:
                 total = loss.sum()
             if separable is None:
                 grads = torch.autograd.grad(total, inputs, retain_graph=retain, allow_unused=True)
-            else:  # also autograd's own gradient of sum_i l_i, for the check
+            else:  # also autograd's own gradient of sum_i l_i, for the check (``totals``)
                 both = torch.autograd.grad(
-                    total, [*inputs, *params], retain_graph=True, allow_unused=True
+                    total,
+                    [*inputs, *(params if totals else ())],
+                    retain_graph=True,
+                    allow_unused=True,
                 )
                 grads, pgrads = both[: len(inputs)], both[len(inputs) :]
             if separable is not None:
-                # powers of two: scaling the loss by v_i scales every gradient of a separable
-                # loss exactly (no rounding), so only a real dependence shows
-                gen = torch.Generator().manual_seed(0x5E9A)
-                k = torch.randint(-3, 4, (separable,), generator=gen)
-                v = torch.exp2(k.to(torch.float64)).to(loss.device)
+                v = _check_weights(separable, loss.device)
                 try:
                     gv = torch.autograd.grad(
                         loss, inputs, v.to(loss.dtype), retain_graph=retain, allow_unused=True
@@ -1001,7 +1120,11 @@ class Step:
                         raise
                     self.separable_checked = True  # this model's graph cannot be checked
                 else:
-                    self._separable_pending = (gv, v, dict(zip(map(id, params), pgrads)))
+                    self._separable_pending = (
+                        gv,
+                        v,
+                        dict(zip(map(id, params), pgrads)) if totals else None,
+                    )
         except RuntimeError as e:
             if "heckpoint" in str(e):
                 raise ValueError(recompute.REENTRANT) from e
@@ -1086,27 +1209,142 @@ class Step:
                     worst = (err, u.name)
             pos += k
         if worst[0] > 0.0:
-            where = "segment i of the packed row (cu_seqlens)" if packed is not None else "row i"
-            leak = (
-                " In a packed row the usual cause is attention across trajectories: with "
-                "transformers pass position_ids restarting at 0 per trajectory, "
-                "attention_mask=None and use_cache=False."
-                if packed is not None
-                else ""
-            )
-            raise ValueError(
-                f"OPOB: per_sample_loss[i] does not depend on {where} of the batch alone: at "
-                f"module '{worst[1]}' the gradient of sum_i v_i l_i differs from v_i times that "
-                f"of sum_i l_i by {worst[0]:.2g} (relative) for random v. OPOB's per-sample "
-                "norms would be wrong. The loss must be in the order of the batch rows (not "
-                "sorted, shuffled or reordered after the forward) and entry i must not mix in "
-                f"other samples (e.g. l - l.mean(), a batch-level normaliser with grad).{leak} "
-                "Nothing was changed."
-            )
+            raise ValueError(_not_separable(worst, packed))
         return conclusive
 
+    def _check_separable_lean(
+        self, loss: Tensor, b: int, packed: packing.Packed | None
+    ) -> tuple[dict[int, Tensor | None], bool]:
+        """The per-sample check of a call with checkpointed records, without holding gradients.
+
+        The two-pass mode (:mod:`vcpo_optim.opob.recompute`) exists not to hold what
+        the single pass holds, so instead of the recorded outputs' gradients this
+        keeps, per recorded output and row (token of a packed row), ``K`` random
+        bilinear projections ``z_t^T G_i z_h`` of the gradient ``G_i`` (its row seen as a
+        matrix ``[T', H']``; ``z`` Gaussian, the same in both backwards), formed by a
+        node pre-hook as each gradient arrives. A separable loss gives
+        ``P(sum_i v_i l_i) = v_i P(sum_i l_i)`` row-wise (exactly, for powers of two
+        ``v``); a dependence on other rows gives a difference whose projections are
+        nonzero almost surely, and ``E[(z_t^T D z_h)^2] = |D|^2``, so the relative
+        difference of the projections estimates that of the gradients. Both backwards
+        take the parameters as inputs (no ``.grad`` is formed); the first's result is
+        autograd's gradient of ``sum_i l_i`` for the total check after pass 2.
+
+        Returns ``(gradient of sum_i l_i by parameter id, conclusive)``; raises the
+        per-sample check's ``ValueError``.
+        """
+        v = _check_weights(b, loss.device)
+        # the weighted pass first: its parameter gradients are dropped before the plain pass
+        # forms the ones kept for the total check (one gradient held, not two)
+        sv, _, dts = self._sketch_pass(loss, v, b, packed)
+        s1, pgrads, dts2 = self._sketch_pass(loss, None, b, packed)
+        dts += dts2 + list(self.params.values())
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        uses = list(self.tape)
+        conclusive = False
+        worst: tuple[float, str] = (0.0, "")
+        for key in sorted(set(s1) | set(sv)):
+            a, c1 = sv.get(key), s1.get(key)
+            if a is None or c1 is None:  # one pass reached it, the other did not
+                a = a if a is not None else torch.zeros_like(c1)  # type: ignore[arg-type]
+                c1 = c1 if c1 is not None else torch.zeros_like(a)
+            u = uses[key[0]]
+            w = v if packed is None else v[packed.seg.seg_ids.to(v.device)]
+            if c1.shape[0] != w.shape[0]:
+                continue
+            ref = c1 * w.to(c1.device, torch.float64).view(-1, 1)
+            scale = max(float(a.norm()), float(ref.norm()))
+            if scale == 0.0 or not math.isfinite(scale):
+                continue
+            conclusive = True
+            err = float((a - ref).norm()) / scale
+            if err > tol and err > worst[0]:
+                worst = (err, u.name)
+        if worst[0] > 0.0:
+            raise ValueError(_not_separable(worst, packed))
+        return pgrads, conclusive
+
+    def _sketch_pass(
+        self, loss: Tensor, v: Tensor | None, b: int, packed: packing.Packed | None
+    ) -> tuple[dict[tuple[int, int], Tensor], dict[int, Tensor | None], list[Tensor]]:
+        """One backward of ``sum_i v_i l_i`` (``v=None``: ones) to the parameters, sketching
+        every recorded output's gradient as it arrives (:meth:`_check_separable_lean`).
+
+        Returns the sketches ``[rows, K]`` (float64) by (record, output), the parameter
+        gradients by id, and empty tensors of the gradients' dtypes."""
+        params = list(self.params.values())
+        before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+        at: dict[int, tuple[Any, list[tuple[int, int, Any, int, Any]]]] = {}
+        for ui, u in enumerate(self.tape):
+            for ei, (e, shape) in enumerate(zip(u.edges, u.out_shapes)):
+                if e.node is not None and not hasattr(e.node, "variable"):
+                    at.setdefault(id(e.node), (e.node, []))[1].append(
+                        (ui, ei, u, e.output_nr, shape)
+                    )
+        sk: dict[tuple[int, int], Tensor] = {}
+        dts: list[Tensor] = []
+
+        def hook_for(entries: list[tuple[int, int, Any, int, Any]]) -> Callable[..., None]:
+            def hook(grad_outputs: Any) -> None:
+                with torch.no_grad(), torch.autocast(loss.device.type, enabled=False):
+                    for ui, ei, u, nr, shape in entries:
+                        g = grad_outputs[nr]
+                        if g is None:
+                            continue
+                        dts.append(torch.empty(0, dtype=g.dtype))
+                        got = _sketch(u, red.local(g).reshape(shape), b, packed, (ui, ei))
+                        if got is not None:
+                            sk[(ui, ei)] = got
+
+            return hook
+
+        handles = [node.register_prehook(hook_for(ents)) for node, ents in at.values()]
+        self.tape.paused = True
+        try:
+            with torch.enable_grad():
+                total = loss.sum() if v is None else (loss * v.to(loss.dtype)).sum()
+            got = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        finally:
+            self.tape.paused = False
+            for h in handles:
+                h.remove()
+        touched = [
+            self.names[id(p)]
+            for p, ver in zip(params, before)
+            if (None if p.grad is None else (id(p.grad), p.grad._version)) != ver
+        ]
+        if touched:
+            raise ValueError(
+                f"OPOB: parameters {touched[:10]} received plain gradients during OPOB's backward "
+                "pass (a custom autograd Function that calls backward itself): their per-sample "
+                "gradients are invisible to OPOB. Nothing was changed."
+            )
+        return sk, dict(zip(map(id, params), got)), dts
+
+    def _check_total_diff(self, diffs: dict[int, Tensor], ref_norms: dict[int, float]) -> None:
+        """:meth:`_check_total` from the differences ``sum_i G_i - ref`` (two-pass mode).
+
+        The scale is ``max(|ref|, |diff| - |ref|)`` (``|sum_i G_i| >= |diff| - |ref|``).
+        """
+        dts: list[Tensor] = [p for p in self.params.values()]
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        tol = TOLERANCE[_least_precise(dts)]
+        worst: tuple[float, str] = (0.0, "")
+        for pid, d in diffs.items():
+            dn = float(d.double().norm())
+            rn = ref_norms.get(pid, 0.0)
+            scale = max(rn, dn - rn)
+            if scale == 0.0 or not math.isfinite(scale):
+                continue
+            err = dn / scale
+            if err > tol and err > worst[0]:
+                worst = (err, self.names.get(pid, "?"))
+        if worst[0] > 0.0:
+            raise ValueError(_not_additive(worst))
+
     def _check_total(
-        self, works: dict[int, ParamWork], pgrads: dict[int, Tensor | None], b: int
+        self, mine_of: Callable[[int], Tensor | None], pgrads: dict[int, Tensor | None]
     ) -> None:
         """Refuse a call whose per-sample factors do not add up to autograd's own gradient.
 
@@ -1122,11 +1360,10 @@ class Step:
         worst: tuple[float, str] = (0.0, "")
         for pid, p in self.params.items():
             ref = pgrads.get(pid)
-            w = works.get(pid)
-            if ref is None and w is None:
+            mine = mine_of(pid)
+            if ref is None and mine is None:
                 continue
-            ones = torch.ones(b, dtype=torch.float64, device=p.device)
-            mine = w.weighted_sum(ones).double() if w is not None and w.factors else None
+            mine = mine.double() if mine is not None else None
             r64 = ref.double() if ref is not None else torch.zeros_like(p, dtype=torch.float64)
             m64 = mine if mine is not None else torch.zeros_like(r64)
             scale = max(float(r64.norm()), float(m64.norm()))
@@ -1136,13 +1373,7 @@ class Step:
             if err > tol and err > worst[0]:
                 worst = (err, self.names.get(pid, "?"))
         if worst[0] > 0.0:
-            raise ValueError(
-                f"OPOB: the per-sample gradients of parameter '{worst[1]}' do not add up to "
-                f"autograd's gradient of sum_i l_i (relative difference {worst[0]:.2g}): "
-                "something between a recorded module output and its parameters changes the "
-                "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
-                "(remove it, or transform .grad after opob.backward()). Nothing was changed."
-            )
+            raise ValueError(_not_additive(worst))
 
     def _norm_pass(
         self,
@@ -1219,16 +1450,24 @@ class Step:
         running.clear()
 
     def _sum_pass(
-        self, loss: Tensor, b: int, vectors: list[Tensor], packed: packing.Packed | None = None
+        self,
+        loss: Tensor,
+        b: int,
+        vectors: list[Tensor],
+        packed: packing.Packed | None = None,
+        diffs: dict[int, Tensor] | None = None,
     ) -> dict[int, Any]:
         """Pass 2 of a call with checkpointed records: ``sum_i c_i G_i`` for each ``c`` in ``vectors``.
 
         The same backward as pass 1 (the records' inputs captured again from the
         recomputation), with each record's factors written into one
         parameter-sized sum per vector as they arrive (the engine's weighted sums,
-        as in the single pass) and freed. Frees the graph.
+        as in the single pass) and freed. Frees the graph. ``diffs`` (the first-call
+        total check): ``sum_i G_i`` is also added into each parameter's entry in place
+        (created at zero where missing).
         """
         sums: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        ones = torch.ones(b, dtype=torch.float64, device=loss.device)
         off = torch.autocast(loss.device.type, enabled=False)
 
         def consume(u: Any, grads: list[Tensor | None]) -> None:
@@ -1242,6 +1481,13 @@ class Step:
                         p, self.names.get(id(p), pname), [fac], min_chunk=LEAN_CHUNK_ELEMS
                     )
                     got = [w.weighted_sum(c) for c in vectors]
+                    if diffs is not None:
+                        one = w.weighted_sum(ones)
+                        d = diffs.get(id(p))
+                        if d is None:
+                            diffs[id(p)] = one
+                        else:
+                            d.add_(one)
                     prev = sums.get(id(p))
                     if prev is None:
                         sums[id(p)] = (p, got)
