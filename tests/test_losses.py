@@ -900,6 +900,20 @@ def test_ess_cap_is_the_largest_feasible_cap(lw: list[float], rho: float) -> Non
     assert float(effective_sample_size(log_weights=capped).ratio) >= rho * (1 - 1e-12)
 
 
+def test_ess_cap_flat_ess_at_the_root() -> None:
+    """Two equal top weights: the ESS is flat where it meets the target, so the square root
+    amplifies any rounding of the sums (found by hypothesis with seed 0; the suffix sum taken
+    in log space at |lw| = 28.5 put c off by 2e-9 in log space, 1e-10 relative)."""
+    mpmath.mp.dps = 60
+    lw = [0.0, 29.0, 28.5, -1.0]
+    lo, hi = mpmath.mpf(28.5), mpmath.mpf(29.0)
+    for _ in range(120):  # the exact root, by bisection (the ESS decreases in c)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _mp_ratio(lw, mid) >= 0.5 else (lo, mid)
+    c = float(L.ess_truncation_cap(torch.tensor(lw, dtype=torch.float64), 0.5))
+    assert abs(c - float(lo)) <= 1e-14 * abs(float(lo))
+
+
 def test_ess_cap_cases_and_errors() -> None:
     lw = torch.tensor([1.0, 0.3, -2.0, 5.0, 0.0, 0.1], dtype=torch.float64)
     assert float(L.ess_truncation_cap(lw, 1.0)) == -2.0  # all equal to the smallest

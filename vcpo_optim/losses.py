@@ -693,11 +693,17 @@ def _cap_from_values(x: Tensor, rho: float) -> Tensor:
     j = int(torch.nonzero(ess >= target)[0, 0])  # >= 1
     # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units
     # of exp(x_j): A = sum_{i >= j} exp(x_i - x_j) >= 1, Q likewise with squares
+    # A = 1 + s and Q = 1 + t with s = sum_{i > j} exp(x_i - x_j), t likewise with squares,
+    # formed from the small sums s and t themselves: A^2 - m Q cancels where the ESS is flat
+    # at the root, and exp(la[j] - x_j) would carry la[j]'s absolute rounding |x_j| eps into
+    # it, which the square root then amplifies (a relative error of 1e-10 in c for
+    # lw = [0, 29, 28.5, -1], rho = 0.5, instead of 1e-16)
     kc = float(j)
-    aa = torch.exp(la[j] - xs[j])
-    qq = torch.exp(lq[j] - 2.0 * xs[j])
-    disc = (target / kc) * (aa * aa - (target - kc) * qq)
-    gamma = (aa + disc.clamp(min=0).sqrt()) / (target - kc)
+    m = target - kc
+    s = torch.exp(la[j + 1] - xs[j])
+    t = torch.exp(lq[j + 1] - 2.0 * xs[j])
+    disc = (target / kc) * ((1.0 - m) + s * (2.0 + s) - m * t)
+    gamma = (1.0 + s + disc.clamp(min=0).sqrt()) / m
     return (xs[j] + torch.log(gamma)).clamp(min=xs[j], max=xs[j - 1])
 
 
