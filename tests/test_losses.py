@@ -900,17 +900,21 @@ def test_ess_cap_is_the_largest_feasible_cap(lw: list[float], rho: float) -> Non
     assert float(effective_sample_size(log_weights=capped).ratio) >= rho * (1 - 1e-12)
 
 
-def test_ess_cap_flat_ess_at_the_root() -> None:
-    """Two equal top weights: the ESS is flat where it meets the target, so the square root
-    amplifies any rounding of the sums (found by hypothesis with seed 0; the suffix sum taken
-    in log space at |lw| = 28.5 put c off by 2e-9 in log space, 1e-10 relative)."""
-    mpmath.mp.dps = 60
-    lw = [0.0, 29.0, 28.5, -1.0]
-    lo, hi = mpmath.mpf(28.5), mpmath.mpf(29.0)
-    for _ in range(120):  # the exact root, by bisection (the ESS decreases in c)
+@pytest.mark.parametrize(
+    ("lw", "rho"),
+    [([0.0, 29.0, 28.5, -1.0], 0.5), ([0.0, 0.0, 0.0, 0.0, 35.0, 36.0], 1 / 3)],
+)
+def test_ess_cap_flat_ess_at_the_root(lw: list[float], rho: float) -> None:
+    """Two nearly equal top weights: the ESS is flat where it meets the target, so the square
+    root amplifies any absolute error in the discriminant (both cases found by hypothesis,
+    seeds 0 and 15: c was off by 2e-9 and 1e-9 in log space, from the log-space suffix sum at
+    |lw| ~ 30 and from rho * n rounded)."""
+    mpmath.mp.dps = 80
+    lo, hi = mpmath.mpf(min(lw)), mpmath.mpf(max(lw))
+    for _ in range(120):  # the exact root, by bisection (the ESS does not increase with c)
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _mp_ratio(lw, mid) >= 0.5 else (lo, mid)
-    c = float(L.ess_truncation_cap(torch.tensor(lw, dtype=torch.float64), 0.5))
+        lo, hi = (mid, hi) if _mp_ratio(lw, mid) >= mpmath.mpf(rho) else (lo, mid)
+    c = float(L.ess_truncation_cap(torch.tensor(lw, dtype=torch.float64), rho))
     assert abs(c - float(lo)) <= 1e-14 * abs(float(lo))
 
 

@@ -691,18 +691,19 @@ def _cap_from_values(x: Tensor, rho: float) -> Tensor:
     if bool(ess[0] >= target) or bool(xs[0] == xs[-1]):  # all equal: ESS = n exactly
         return torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
     j = int(torch.nonzero(ess >= target)[0, 0])  # >= 1
-    # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units
-    # of exp(x_j): A = sum_{i >= j} exp(x_i - x_j) >= 1, Q likewise with squares
-    # A = 1 + s and Q = 1 + t with s = sum_{i > j} exp(x_i - x_j), t likewise with squares,
-    # formed from the small sums s and t themselves: A^2 - m Q cancels where the ESS is flat
-    # at the root, and exp(la[j] - x_j) would carry la[j]'s absolute rounding |x_j| eps into
-    # it, which the square root then amplifies (a relative error of 1e-10 in c for
-    # lw = [0, 29, 28.5, -1], rho = 0.5, instead of 1e-16)
-    kc = float(j)
-    m = target - kc
+    # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units of
+    # exp(x_j): A = 1 + s and Q = 1 + t with s = sum_{i > j} exp(x_i - x_j) and t likewise with
+    # squares. Where the ESS is flat at the root (two nearly equal top weights) the
+    # discriminant A^2 - m Q (m = rho n - k') cancels down to 2 s - t and the square root
+    # amplifies any absolute error in it, so it is formed from s and t themselves (not from
+    # exp(la[j] - x_j), which carries la[j]'s rounding |x_j| eps) and from 1 - m and m taken
+    # exactly from rho and n (rho * n rounded would be off by eps): c is then accurate to
+    # ~1e-16 relative instead of ~1e-10 (lw = [0, 29, 28.5, -1], rho = 0.5).
+    m_exact = Fraction(rho) * n - j
+    m, one_minus_m, ratio = float(m_exact), float(1 - m_exact), float(Fraction(rho) * n / j)
     s = torch.exp(la[j + 1] - xs[j])
     t = torch.exp(lq[j + 1] - 2.0 * xs[j])
-    disc = (target / kc) * ((1.0 - m) + s * (2.0 + s) - m * t)
+    disc = ratio * (one_minus_m + s * (2.0 + s) - m * t)
     gamma = (1.0 + s + disc.clamp(min=0).sqrt()) / m
     return (xs[j] + torch.log(gamma)).clamp(min=xs[j], max=xs[j - 1])
 
