@@ -398,7 +398,10 @@ MUTATIONS: list[Mutation] = [
         "vcpo_optim/opob/segments.py",
         "dest = (seg.seg_ids[b0:b1] - lo) * lc + seg.offsets[b0:b1]",
         "dest = seg.seg_ids[b0:b1] * lc + seg.offsets[b0:b1]",
-        (PACKING + "test_every_strategy_packed", PACKING + "test_tinylm_packed_matches_segments_alone"),
+        (
+            PACKING + "test_every_strategy_packed",
+            PACKING + "test_tinylm_packed_matches_segments_alone",
+        ),
         "padded segments of a later chunk (lo > 0) are written at the wrong rows",
     ),
     Mutation(
@@ -505,7 +508,10 @@ MUTATIONS: list[Mutation] = [
         "vcpo_optim/opob/tape.py",
         "if u.module is not module:",
         "if False:",
-        (CHECKPOINT + "test_a_recomputation_that_runs_other_modules_is_refused_and_changes_nothing",),
+        (
+            CHECKPOINT
+            + "test_a_recomputation_that_runs_other_modules_is_refused_and_changes_nothing",
+        ),
         "a checkpoint recomputation that calls another module is matched anyway",
     ),
     # ----------------------------------------------------------------- opob/hook.py
@@ -579,10 +585,7 @@ MUTATIONS: list[Mutation] = [
         "vcpo_optim/opob/step.py",
         "        if self.cfg.max_sample_grad_norm is not None:",
         "        if False:",
-        (
-            CONTROLS
-            + "test_clipping_with_batch_scope_accumulation_is_refused_and_changes_nothing",
-        ),
+        (CONTROLS + "test_clipping_with_batch_scope_accumulation_is_refused_and_changes_nothing",),
         "clipping with scope='batch' over several calls is accepted (the earlier calls stay wrong)",
     ),
     Mutation(
