@@ -404,13 +404,15 @@ MUTATIONS: list[Mutation] = [
         ),
         "padded segments of a later chunk (lo > 0) are written at the wrong rows",
     ),
+    # (A bf16 Dense factor summed per segment in bf16 instead of float32 is not listed: CPU
+    # index_add_ accumulates bf16 in float32 anyway, so that mutant is equivalent on CPU.)
     Mutation(
-        "segments-dense-low-precision",
+        "segments-empty-segment-refused",
         "vcpo_optim/opob/segments.py",
-        "g = g.to(torch.promote_types(g.dtype, torch.float32))",
-        "g = g",
-        (PACKING + "test_bf16_autocast_packed_equals_padded",),
-        "a bf16 Dense factor is summed per segment in bf16 (rounds at every add)",
+        "dec = [i for i in range(batch) if bounds[i + 1] < bounds[i]]",
+        "dec = [i for i in range(batch) if bounds[i + 1] <= bounds[i]]",
+        (PACKING + "test_every_strategy_packed",),
+        "a zero-length segment (a sample without tokens) is refused as decreasing",
     ),
     Mutation(
         "segments-cu0-unchecked",
@@ -474,8 +476,8 @@ MUTATIONS: list[Mutation] = [
         "watched = [(out, out._version)] if out._is_view() else []",
         "watched = []",
         (
+            RELIABILITY + "test_output_view_modified_in_place_is_refused",
             RELIABILITY + "test_unmodified_inputs_and_outputs_changed_in_place_stay_exact",
-            ERRORS + "test_inplace_after_linear_is_exact",
         ),
         "a module output that is a partial view, modified in place afterwards, is not refused",
     ),
