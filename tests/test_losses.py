@@ -507,6 +507,17 @@ def test_icepop_mask_hand_reference() -> None:
         L.icepop_mask(new, old, mask, low=2.0, high=1.0)
 
 
+def test_icepop_band_is_closed() -> None:
+    """Ratios exactly at ``low`` and ``high`` are kept (``low <= r <= high``), the next float64
+    outside is not. (``_extreme_pair`` puts ``log 0.5`` in float32, so it misses the bound.)"""
+    lo, hi = math.log(0.5), math.log(5.0)
+    x = [lo, hi, math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf), 0.0]
+    new = torch.tensor([x], dtype=torch.float64)
+    old = torch.zeros_like(new)  # x = new - old exactly
+    keep = L.icepop_mask(new, old, torch.ones_like(new, dtype=torch.bool), low=0.5, high=5.0)
+    assert keep.tolist() == [[True, True, False, False, True]]
+
+
 def _k_stat(estimator: str, x: float):
     x = mpmath.mpf(x)
     if estimator == "k1":
