@@ -815,8 +815,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "losses-ess-cap-missing-sqrt",
         "vcpo_optim/losses.py",
-        "gamma = (1.0 + s + disc.clamp(min=0).sqrt()) / m",
-        "gamma = (1.0 + s + disc.clamp(min=0)) / m",
+        "(1.0 + s + math.sqrt(max(disc, 0.0))) / float(m_exact)",
+        "(1.0 + s + max(disc, 0.0)) / float(m_exact)",
         (LOSS + "test_ess_cap_is_the_largest_feasible_cap",),
         "ESS-targeted cap: the root of the quadratic without the square root",
     ),
