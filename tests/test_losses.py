@@ -918,12 +918,13 @@ def test_ess_cap_is_the_largest_feasible_cap(lw: list[float], rho: float) -> Non
         ([0.0, 0.0, 0.0, 0.0, 35.0, 36.0], 1 / 3),
         ([0.0, 0.0, 0.0, 1.0], 1 - 2**-53),
         ([0.0, -1.0, -1.0, -1.0, -1.0], 1 - 2**-53),
+        ([0.0, -17.0, -17.0, -17.0], 1 - 2**-53),
     ],
 )
 def test_ess_cap_flat_ess_at_the_root(lw: list[float], rho: float) -> None:
     """The ESS is flat where it meets the target (two nearly equal top weights, or the cap
     next to tied weights), so the square root amplifies any absolute error in the
-    discriminant. Found by hypothesis (seeds 0, 15, 38): log c was off by 2e-9 and 1e-9 (the
+    discriminant. Found by hypothesis (seeds 0, 15, 38, 78): log c was off by 2e-9 and 1e-9 (the
     log-space suffix sums at |lw| ~ 30, rho * n rounded), by 20% of 2.4e-8, or set to min lw."""
     mpmath.mp.dps = 80
     lo, hi = mpmath.mpf(min(lw)), mpmath.mpf(max(lw))

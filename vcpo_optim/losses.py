@@ -691,6 +691,10 @@ def _cap_from_values(x: Tensor, rho: float) -> Tensor:
     if bool(ess[0] >= target) or bool(xs[0] == xs[-1]):  # all equal: ESS = n exactly
         return torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
     j = int(torch.nonzero(ess >= target)[0, 0])  # >= 1
+    # weights tied with x_j give the same cap, so the same ESS: the solution segment starts
+    # at the first of them (ess[] rounds, so at a tie it may cross the target late, and the
+    # empty segment [x_j, x_{j-1}) would pin the cap to x_j)
+    j = max(1, int(torch.searchsorted(-xs, -xs[j])))
     # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units of
     # exp(x_j): A = 1 + s and Q = 1 + t with s = sum_{i > j} exp(x_i - x_j) and t likewise with
     # squares. Where the ESS is flat at the root (two nearly equal top weights, or the cap
