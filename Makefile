@@ -67,7 +67,7 @@ venv-verl: $(VERL_STAMP)
 test-verl: $(VERL_STAMP)
 	VCPO_VERL_TESTS=1 $(VERL_PY) -m pytest -q tests/integrations_verl
 
-# Mutation testing before a release (not CI): one pytest run per mutation in tools/mutations.py.
+# Mutation testing before a release (not CI): one pytest run per mutation in tools/mutations.py (15-20 min).
 mutate: $(STAMP)
 	$(PY) tools/mutate.py
 

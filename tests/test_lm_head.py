@@ -225,6 +225,24 @@ def test_from_model_reads_head_and_config():
         TokenLogProbs.from_model(nn.Linear(3, 3))
 
 
+class _NaNLogitsLM(_DuckLM):
+    """Its own logits hold a NaN, which the lean head does not reproduce."""
+
+    def forward(self, ids: Tensor) -> types.SimpleNamespace:
+        logits = self.lm_head(self.emb(ids)).clone()
+        logits[0, 1, 3] = float("nan")
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_check_against_refuses_a_nan_difference():
+    """A NaN difference is a disagreement (``not err <= tol``), not a pass."""
+    torch.manual_seed(0)
+    model = _NaNLogitsLM(types.SimpleNamespace()).double()
+    head = TokenLogProbs.from_model(model)
+    with pytest.raises(ValueError, match="differ from the model's by nan"):
+        head.check_against(model, torch.randint(0, 40, (2, 5)))
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 

@@ -507,6 +507,17 @@ def test_icepop_mask_hand_reference() -> None:
         L.icepop_mask(new, old, mask, low=2.0, high=1.0)
 
 
+def test_icepop_band_is_closed() -> None:
+    """Ratios exactly at ``low`` and ``high`` are kept (``low <= r <= high``), the next float64
+    outside is not. (``_extreme_pair`` puts ``log 0.5`` in float32, so it misses the bound.)"""
+    lo, hi = math.log(0.5), math.log(5.0)
+    x = [lo, hi, math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf), 0.0]
+    new = torch.tensor([x], dtype=torch.float64)
+    old = torch.zeros_like(new)  # x = new - old exactly
+    keep = L.icepop_mask(new, old, torch.ones_like(new, dtype=torch.bool), low=0.5, high=5.0)
+    assert keep.tolist() == [[True, True, False, False, True]]
+
+
 def _k_stat(estimator: str, x: float):
     x = mpmath.mpf(x)
     if estimator == "k1":
@@ -898,6 +909,30 @@ def test_ess_cap_is_the_largest_feasible_cap(lw: list[float], rho: float) -> Non
 
     capped = torch.minimum(torch.tensor(lw, dtype=torch.float64), log_c)
     assert float(effective_sample_size(log_weights=capped).ratio) >= rho * (1 - 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("lw", "rho"),
+    [
+        ([0.0, 29.0, 28.5, -1.0], 0.5),
+        ([0.0, 0.0, 0.0, 0.0, 35.0, 36.0], 1 / 3),
+        ([0.0, 0.0, 0.0, 1.0], 1 - 2**-53),
+        ([0.0, -1.0, -1.0, -1.0, -1.0], 1 - 2**-53),
+        ([0.0, -17.0, -17.0, -17.0], 1 - 2**-53),
+    ],
+)
+def test_ess_cap_flat_ess_at_the_root(lw: list[float], rho: float) -> None:
+    """The ESS is flat where it meets the target (two nearly equal top weights, or the cap
+    next to tied weights), so the square root amplifies any absolute error in the
+    discriminant. Found by hypothesis (seeds 0, 15, 38, 78): log c was off by 2e-9 and 1e-9 (the
+    log-space suffix sums at |lw| ~ 30, rho * n rounded), by 20% of 2.4e-8, or set to min lw."""
+    mpmath.mp.dps = 80
+    lo, hi = mpmath.mpf(min(lw)), mpmath.mpf(max(lw))
+    for _ in range(120):  # the exact root, by bisection (the ESS does not increase with c)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _mp_ratio(lw, mid) >= mpmath.mpf(rho) else (lo, mid)
+    c = float(L.ess_truncation_cap(torch.tensor(lw, dtype=torch.float64), rho))
+    assert abs(c - float(lo)) <= 1e-14 * max(1.0, abs(float(lo)))
 
 
 def test_ess_cap_cases_and_errors() -> None:

@@ -58,6 +58,36 @@ def test_the_mutation_list_is_well_formed(mutate) -> None:
     assert len(ids) == len(set(ids)) and len(ids) >= 30
     for m in mutate.MUTATIONS:
         assert m.original != m.replacement and m.tests and m.what
-        assert not m.file.startswith("vcpo_optim/opob/hook.py")  # being split; added later
-        for selection in m.tests:
-            assert (TOOLS.parent / selection.split("::")[0]).exists(), selection
+        args = list(m.tests)
+        for i, arg in enumerate(args):
+            if arg.startswith("-") or (i and args[i - 1] == "-k"):
+                continue  # an option (-k EXPR), not a path
+            assert (TOOLS.parent / arg.split("::")[0]).exists(), arg
+
+
+def test_baseline_runs_the_union_once_and_splits_only_on_failure(
+    mutate, monkeypatch, tmp_path, capsys
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    failing = {"b.py"}
+
+    def fake(scratch, selection, timeout):
+        calls.append(selection)
+        return ("fail" if failing & set(selection) else "pass"), 0.0, "tail"
+
+    monkeypatch.setattr(mutate, "run_tests", fake)
+    sels = [("a.py",), ("a.py", "c.py::t"), ("b.py",)]
+    failing.clear()
+    assert mutate.check_baseline(tmp_path, sels, 1.0) == dict.fromkeys(sels, "pass")
+    assert calls == [("a.py", "c.py::t", "b.py")]  # one run, duplicates merged
+    calls.clear()
+    failing.add("b.py")
+    out = mutate.check_baseline(tmp_path, sels, 1.0)
+    assert out == {sels[0]: "pass", sels[1]: "pass", sels[2]: "fail"}
+    assert calls == [("a.py", "c.py::t", "b.py"), *sels]
+    assert "unmutated tests do not pass (fail): b.py" in capsys.readouterr().out
+    calls.clear()
+    failing.clear()
+    with_option = [("a.py", "-k", "x"), ("b.py",)]
+    assert mutate.check_baseline(tmp_path, with_option, 1.0) == dict.fromkeys(with_option, "pass")
+    assert calls == with_option  # an option is never merged into a union

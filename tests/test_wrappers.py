@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -48,6 +50,15 @@ def test_unwrap_plain_and_chains():
         and is_ess_scaled(ess_scaled(torch.optim.RMSprop))
     )
     assert not is_ess_scaled(torch.optim.AdamW) and not is_ess_scaled(plain)
+
+
+def test_an_attribute_that_is_not_an_optimizer_is_not_followed():
+    """Only an ``optimizer`` / ``optim`` attribute with a ``step()`` is a wrapped optimizer."""
+    opt = VCPOAdamW(_params())
+    holder = types.SimpleNamespace(optimizer="adamw", optim=3, step=lambda: None)
+    assert unwrap_optimizer(holder) is holder
+    assert unwrap_optimizer(_Wrapper(holder)) is holder
+    assert unwrap_optimizer(_Wrapper(_Wrapper(opt), "optim")) is opt
 
 
 def test_unwrap_refuses_cycles():

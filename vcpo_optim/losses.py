@@ -691,13 +691,31 @@ def _cap_from_values(x: Tensor, rho: float) -> Tensor:
     if bool(ess[0] >= target) or bool(xs[0] == xs[-1]):  # all equal: ESS = n exactly
         return torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
     j = int(torch.nonzero(ess >= target)[0, 0])  # >= 1
-    # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units
-    # of exp(x_j): A = sum_{i >= j} exp(x_i - x_j) >= 1, Q likewise with squares
-    kc = float(j)
-    aa = torch.exp(la[j] - xs[j])
-    qq = torch.exp(lq[j] - 2.0 * xs[j])
-    disc = (target / kc) * (aa * aa - (target - kc) * qq)
-    gamma = (aa + disc.clamp(min=0).sqrt()) / (target - kc)
+    # weights tied with x_j give the same cap, so the same ESS: the solution segment starts
+    # at the first of them (ess[] rounds, so at a tie it may cross the target late, and the
+    # empty segment [x_j, x_{j-1}) would pin the cap to x_j)
+    j = max(1, int(torch.searchsorted(-xs, -xs[j])))
+    # solution segment: x_0..x_{j-1} capped at c in [exp(x_j), exp(x_{j-1})), in units of
+    # exp(x_j): A = 1 + s and Q = 1 + t with s = sum_{i > j} exp(x_i - x_j) and t likewise with
+    # squares. Where the ESS is flat at the root (two nearly equal top weights, or the cap
+    # next to tied weights) the discriminant A^2 - m Q (m = rho n - k') cancels and the square
+    # root amplifies any absolute error in it. So s and t are summed directly (each term
+    # <= 1; tied weights give exact integers), not read from the log-space suffix sums (whose
+    # rounding is |x_j| eps), and the discriminant is formed in exact rational arithmetic from
+    # them and from m taken exactly from rho and n (rho * n rounded is off by eps): c is then
+    # accurate to ~1e-16 relative where it was off by 1e-10 (lw = [0, 29, 28.5, -1],
+    # rho = 0.5), 20% (lw = [0, 0, 0, 1], rho = 1 - 2^-53) or set to min w.
+    m_exact = Fraction(rho) * n - j
+    d = xs[j + 1 :] - xs[j]
+    s = float(torch.exp(d).sum())
+    t = float(torch.exp(2.0 * d).sum())
+    bracket = (1 + Fraction(s)) ** 2 - m_exact * (1 + Fraction(t))
+    disc = float(Fraction(rho) * n / j * bracket)
+    gamma = torch.tensor(
+        (1.0 + s + math.sqrt(max(disc, 0.0))) / float(m_exact),
+        dtype=torch.float64,
+        device=x.device,
+    )
     return (xs[j] + torch.log(gamma)).clamp(min=xs[j], max=xs[j - 1])
 
 

@@ -131,6 +131,33 @@ def test_unmodified_inputs_and_outputs_changed_in_place_stay_exact():
     assert_one_call_matches_oracle(model, proj_loss(x), torch.randn(5, dtype=DT))
 
 
+class Part(nn.Module):
+    """No rule (the vmap fallback): its output is part of a product, a partial view."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6, dtype=DT))
+
+    def forward(self, x):
+        return (x @ self.w)[:, :3]
+
+
+def test_output_view_modified_in_place_is_refused():
+    """An in-place op on a partial-view output moves it off the recorded autograd node: without
+    the check the module's output gradient is never formed and its parameter gets no gradient."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"part": Part(), "head": nn.Linear(3, 1).to(DT)})
+    x = torch.randn(5, 4, dtype=DT)
+    with OPOB(model, strict=False) as opob:
+        h = model["part"](x)
+        h.mul_(2.0)
+        loss = model["head"](torch.tanh(h)).squeeze(-1)
+        with pytest.raises(ValueError, match=r"output of module 'part' \(a view\) was modified"):
+            opob.backward(loss, torch.randn(5, dtype=DT))
+        assert opob.num_recorded == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- item 5
 
 
