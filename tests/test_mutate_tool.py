@@ -65,6 +65,18 @@ def test_the_mutation_list_is_well_formed(mutate) -> None:
             assert (TOOLS.parent / arg.split("::")[0]).exists(), arg
 
 
+def test_every_snippet_occurs_exactly_once_in_its_file(mutate) -> None:
+    """The mutation list follows the code: a snippet the code no longer has is caught here,
+    in every test run, not only when someone runs make mutate."""
+    root = TOOLS.parent
+    drift = [
+        (m.id, m.file, (root / m.file).read_text().count(m.original))
+        for m in mutate.MUTATIONS
+        if (root / m.file).read_text().count(m.original) != 1
+    ]
+    assert not drift, f"(id, file, occurrences) of snippets not found exactly once: {drift}"
+
+
 def test_baseline_runs_the_union_once_and_splits_only_on_failure(
     mutate, monkeypatch, tmp_path, capsys
 ) -> None:
