@@ -948,4 +948,37 @@ MUTATIONS: list[Mutation] = [
         (CHECKPOINT + "test_lowest_module_nested_region_and_a_module_that_saves_nothing",),
         "a checkpointed call that saved nothing is deferred (the recomputation may stop before it)",
     ),
+    Mutation(
+        "step-param-hooks-unchecked",
+        "vcpo_optim/opob/step.py",
+        """    if found:
+        more = f" and {len(found) - 5} more\"""",
+        """    if False:
+        more = f" and {len(found) - 5} more\"""",
+        (ERRORS + "test_parameter_gradient_hooks_refused",),
+        "gradient hooks on trainable parameters are accepted (they silently never run)",
+    ),
+    Mutation(
+        "step-separable-single-pass-ignored",
+        "vcpo_optim/opob/step.py",
+        """            raise ValueError(_not_separable(worst, packed))
+        return conclusive""",
+        """            pass
+        return conclusive""",
+        (
+            ERRORS + "test_loss_not_per_sample_refused",
+            "tests/opob/test_opob_packing_hf.py::test_packed_segments_attending_to_each_other_refused",
+        ),
+        "the first call's per-sample check finds a loss that mixes samples and lets it through",
+    ),
+    Mutation(
+        "step-separable-two-pass-ignored",
+        "vcpo_optim/opob/step.py",
+        """            raise ValueError(_not_separable(worst, packed))
+        return pgrads, conclusive""",
+        """            pass
+        return pgrads, conclusive""",
+        (CHECKPOINT + "test_first_call_checks_run_in_the_two_pass_mode",),
+        "checkpointed (two-pass) mode: the first call's per-sample check lets a mixing loss through",
+    ),
 ]
