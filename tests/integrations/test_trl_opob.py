@@ -234,9 +234,15 @@ def test_opob_config_validation(tmp_path):
         {"is_cap": 0.0},
         {"max_sample_grad_norm": -1.0},
         {"winsor_q": 0.5},
+        {"is_cap": True},
+        # a cap the IS mode does not use would be silently ignored
+        {"is_mode": "is", "is_cap": 2.0},
+        {"is_mode": "none", "is_cap": 2.0},
     ):
         with pytest.raises(ValueError, match="opob_config"):
             OPOBConfig(**bad)
+    assert OPOBConfig(is_mode="mis", is_cap=2.0).is_cap == 2.0
+    assert OPOBConfig(is_mode="is").is_cap is None
     trainer = _construct(tmp_path, opob_config=OPOBConfig(scope="batch"), scale_rewards="none")
     assert trainer.opob is None  # attached at the first training micro-batch
 

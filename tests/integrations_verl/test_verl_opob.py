@@ -203,7 +203,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_opob_step_matches_the_per_sequence_oracle(model_dir: Path, case: str) -> None:
     scope, remove_padding, mbs, norm, is_mode, cap, agg = CASES[case]
-    extra = [f"{OPT}opob={scope}", f"{OPT}opob_is_mode={is_mode}", f"{OPT}opob_is_cap={cap}"]
+    extra = [f"{OPT}opob={scope}", f"{OPT}opob_is_mode={is_mode}"]
+    if is_mode in ("tis", "mis"):
+        extra.append(f"{OPT}opob_is_cap={cap}")
     if scope == "group":
         extra += [f"{OPT}opob_group_size=2", f"{OPT}opob_norm_by_std={str(norm).lower()}"]
     cfg = S.compose(model_dir, _overrides(*extra, agg=agg), remove_padding=remove_padding)
@@ -288,6 +290,9 @@ def test_opob_off_by_default_and_bad_settings_refused_at_build(model_dir: Path) 
 
     assert build().vcpo_opob is None
     assert build(f"{OPT}opob=batch").vcpo_opob == vv.OPOBSettings("batch")
+    assert build(f"{OPT}opob=batch", f"{OPT}opob_is_mode=mis", f"{OPT}opob_is_cap=2").vcpo_opob == (
+        vv.OPOBSettings("batch", is_mode="mis", is_cap=2.0)
+    )
     for extra, match in [
         ((f"{OPT}opob=grp",), "'group' or 'batch'"),
         ((f"{OPT}opob=group",), "opob_group_size"),
@@ -295,6 +300,9 @@ def test_opob_off_by_default_and_bad_settings_refused_at_build(model_dir: Path) 
         ((f"{OPT}opob_norm_by_std=true",), "without opob"),
         ((f"{OPT}opob=batch", f"{OPT}opob_is_mode=clip"), "opob_is_mode"),
         ((f"{OPT}opob=batch", f"{OPT}opob_is_cap=0"), "opob_is_cap"),
+        # a cap the IS mode does not use would be silently ignored
+        ((f"{OPT}opob=batch", f"{OPT}opob_is_mode=is", f"{OPT}opob_is_cap=2"), "is not used"),
+        ((f"{OPT}opob=batch", f"{OPT}opob_is_mode=none", f"{OPT}opob_is_cap=2"), "is not used"),
     ]:
         with pytest.raises(ValueError, match=match):
             build(*extra)

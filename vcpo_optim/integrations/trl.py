@@ -239,7 +239,8 @@ class OPOBConfig:
         is_mode: the importance weight :math:`w_i` of the surrogate,
             :func:`~vcpo_optim.losses.importance_weights` mode: ``"tis"``
             (default, :math:`\min(w, c)`), ``"is"``, ``"mis"`` or ``"none"``.
-        is_cap: its threshold :math:`c`. Default ``None``: 8.
+        is_cap: its threshold :math:`c` (``"tis"`` and ``"mis"`` only; given
+            with ``"is"`` or ``"none"`` it is refused). Default ``None``: 8.
         max_sample_grad_norm: per-trajectory clipping (``None``, default: off):
             bounds :math:`\lVert f_i c_i \nabla\tilde l_i\rVert \le C` for the
             scaled :math:`\tilde l_i` above (this rank's contribution, before
@@ -273,10 +274,18 @@ class OPOBConfig:
                 f"opob_config: is_mode must be one of {IS_MODES}, got {self.is_mode!r}"
             )
         if self.is_cap is not None and not (
-            isinstance(self.is_cap, (int, float)) and math.isfinite(self.is_cap) and self.is_cap > 0
+            not isinstance(self.is_cap, bool)
+            and isinstance(self.is_cap, (int, float))
+            and math.isfinite(self.is_cap)
+            and self.is_cap > 0
         ):
             raise ValueError(
                 f"opob_config: is_cap must be a finite number > 0, got {self.is_cap!r}"
+            )
+        if self.is_cap is not None and self.is_mode not in ("tis", "mis"):
+            raise ValueError(
+                f"opob_config: is_cap={self.is_cap!r} is not used by is_mode={self.is_mode!r} "
+                "(only 'tis' and 'mis' have a cap); it would be silently ignored"
             )
         c = self.max_sample_grad_norm
         if c is not None and (

@@ -384,7 +384,8 @@ class OPOBSettings:
         is_mode: sequence importance weight of the surrogate
             (:func:`vcpo_optim.losses.importance_weights`): ``"tis"`` (default),
             ``"is"``, ``"mis"`` or ``"none"``.
-        is_cap: the cap ``c`` of ``"tis"`` / ``"mis"``. Default ``8.0``.
+        is_cap: the cap ``c`` of ``"tis"`` / ``"mis"`` (set with ``"is"`` or
+            ``"none"`` it is refused: it would do nothing). Default ``8.0``.
     """
 
     scope: str
@@ -434,6 +435,12 @@ class OPOBSettings:
         cap = given.get("opob_is_cap", 8.0)
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < math.inf:
             raise ValueError(f"opob_is_cap must be a finite number > 0, got {cap!r}")
+        if "opob_is_cap" in given and mode not in ("tis", "mis"):
+            raise ValueError(
+                f"vcpo_optim.integrations.verl: opob_is_cap={cap!r} is not used by "
+                f"opob_is_mode={mode!r} (only 'tis' and 'mis' have a cap); it would do nothing. "
+                "Remove it."
+            )
         return cls(scope, size, norm, mode, float(cap))
 
 
