@@ -296,6 +296,8 @@ def test_opob_off_by_default_and_bad_settings_refused_at_build(model_dir: Path) 
     for extra, match in [
         ((f"{OPT}opob=grp",), "'group' or 'batch'"),
         ((f"{OPT}opob=group",), "opob_group_size"),
+        # a group of one response is its own baseline: every coefficient would be 0
+        ((f"{OPT}opob=group", f"{OPT}opob_group_size=1"), "opob_group_size=1"),
         ((f"{OPT}opob=batch", f"{OPT}opob_group_size=4"), "opob_group_size is for opob=group"),
         ((f"{OPT}opob_norm_by_std=true",), "without opob"),
         ((f"{OPT}opob=batch", f"{OPT}opob_is_mode=clip"), "opob_is_mode"),

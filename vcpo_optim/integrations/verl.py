@@ -377,7 +377,8 @@ class OPOBSettings:
         scope: ``"group"`` (a baseline per prompt group, verl's ``uid``) or
             ``"batch"`` (one baseline per optimizer step over all ranks).
         group_size: with ``scope="group"``, the number of responses per prompt
-            (verl's ``rollout.n``); every group must be complete, on all
+            (verl's ``rollout.n``, at least 2: a group of one has coefficient 0,
+            refused); every group must be complete, on all
             data-parallel ranks together, in every micro-batch call (checked).
         norm_by_std: divide each coefficient by its scope's reward std
             (population), as GRPO's ``norm_adv_by_std_in_grpo``. Default ``False``.
@@ -420,6 +421,12 @@ class OPOBSettings:
                 raise ValueError(
                     "vcpo_optim.integrations.verl: opob=group needs opob_group_size=<responses per "
                     f"prompt, verl's actor_rollout_ref.rollout.n>, an integer >= 1; got {size!r}"
+                )
+            if size == 1:
+                raise ValueError(
+                    "vcpo_optim.integrations.verl: opob=group with opob_group_size=1: a group of "
+                    "one response is its own baseline (b* = R_i), so every coefficient and the "
+                    "whole gradient would be 0. Use rollout.n >= 2, or opob=batch."
                 )
         elif size is not None:
             raise ValueError(
