@@ -961,10 +961,10 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "step-separable-single-pass-ignored",
         "vcpo_optim/opob/step.py",
-        """            raise ValueError(_not_separable(worst, packed))
-        return conclusive""",
+        """            raise ValueError(_not_separable(worst.found, packed))
+        return worst.conclusive""",
         """            pass
-        return conclusive""",
+        return worst.conclusive""",
         (
             ERRORS + "test_loss_not_per_sample_refused",
             "tests/opob/test_opob_packing_hf.py::test_packed_segments_attending_to_each_other_refused",
@@ -974,10 +974,10 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "step-separable-two-pass-ignored",
         "vcpo_optim/opob/step.py",
-        """            raise ValueError(_not_separable(worst, packed))
-        return pgrads, conclusive""",
+        """            raise ValueError(_not_separable(worst.found, packed))
+        return pgrads, worst.conclusive""",
         """            pass
-        return pgrads, conclusive""",
+        return pgrads, worst.conclusive""",
         (CHECKPOINT + "test_first_call_checks_run_in_the_two_pass_mode",),
         "checkpointed (two-pass) mode: the first call's per-sample check lets a mixing loss through",
     ),

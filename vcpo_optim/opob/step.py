@@ -140,6 +140,11 @@ def _to_1d(
     return t if dtype is None else t.to(dtype)
 
 
+def _grad_mark(p: Tensor) -> tuple[int, int] | None:
+    """Identity and version of ``p.grad`` (``None`` without one): changes when autograd writes it."""
+    return None if p.grad is None else (id(p.grad), p.grad._version)
+
+
 def _hook_name(h: Any) -> str:
     f = getattr(h, "func", h)  # functools.partial
     return getattr(f, "__qualname__", None) or type(f).__name__
@@ -303,6 +308,30 @@ def _not_additive(worst: tuple[float, str]) -> str:
         "gradient out of OPOB's sight, e.g. a Tensor.register_hook on a module's output "
         "(remove it, or transform .grad after opob.backward()). Nothing was changed."
     )
+
+
+class _Worst:
+    """The largest relative difference above ``tol`` seen by a first-call check, and where."""
+
+    def __init__(self, tol: float) -> None:
+        self.tol = tol
+        self.err = 0.0
+        self.name = ""
+        self.conclusive = False  # some comparison had a nonzero, finite scale
+
+    def add(self, diff: float, scale: float, name: str) -> None:
+        """Record ``diff / scale`` (skipped when ``scale`` is zero or not finite)."""
+        if scale == 0.0 or not math.isfinite(scale):
+            return
+        self.conclusive = True
+        err = diff / scale
+        if err > self.tol and err > self.err:
+            self.err, self.name = err, name
+
+    @property
+    def found(self) -> tuple[float, str] | None:
+        """``(relative difference, where)`` if any comparison failed, else ``None``."""
+        return (self.err, self.name) if self.err > 0.0 else None
 
 
 class Step:
@@ -1092,7 +1121,7 @@ class Step:
         :mod:`vcpo_optim.opob.recompute`). ``separable=B``: then the pass of the
         per-sample check (:meth:`_check_separable`), its gradients kept for the check."""
         params = list(self.params.values())
-        before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+        before = [_grad_mark(p) for p in params]
         self.tape.paused = True
         try:
             if inputs is None:
@@ -1109,7 +1138,6 @@ class Step:
                     allow_unused=True,
                 )
                 grads, pgrads = both[: len(inputs)], both[len(inputs) :]
-            if separable is not None:
                 v = _check_weights(separable, loss.device)
                 try:
                     gv = torch.autograd.grad(
@@ -1131,19 +1159,32 @@ class Step:
             raise
         finally:
             self.tape.paused = False
-        touched = [
-            self.names[id(p)]
-            for p, v in zip(params, before)
-            if (None if p.grad is None else (id(p.grad), p.grad._version)) != v
-        ]
+        self._refuse_plain_grads(
+            params,
+            before,
+            "OPOB's backward pass (reentrant activation checkpointing or a custom autograd "
+            "Function that calls backward itself)",
+            "Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False).",
+        )
+        return grads
+
+    def _refuse_plain_grads(
+        self, params: list[Tensor], before: list[Any], during: str, remedy: str
+    ) -> None:
+        """Raise if autograd wrote any ``.grad`` during an OPOB pass (``before``: their marks)."""
+        touched = [self.names[id(p)] for p, m in zip(params, before) if _grad_mark(p) != m]
         if touched:
             raise ValueError(
-                f"OPOB: parameters {touched[:10]} received plain gradients during OPOB's backward pass "
-                "(reentrant activation checkpointing or a custom autograd Function that calls "
-                "backward itself): their per-sample gradients are invisible to OPOB. Use "
-                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+                f"OPOB: parameters {touched[:10]} received plain gradients during {during}: "
+                f"their per-sample gradients are invisible to OPOB. {remedy}"
             )
-        return grads
+
+    def _tolerance(self, tensors: list[Tensor]) -> float:
+        """The first-call checks' tolerance: that of the least precise dtype in play
+        (``tensors``, the parameters, and the autocast dtype of any recorded forward)."""
+        dts = [*tensors, *self.params.values()]
+        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
+        return TOLERANCE[_least_precise(dts)]
 
     def _check_separable(
         self,
@@ -1166,13 +1207,7 @@ class Step:
         KV cache) all fail it by far more than rounding.
         """
         pos = 0
-        conclusive = False
-        worst: tuple[float, str] = (0.0, "")
-        # the least precise dtype in play: parameters, recorded outputs, autocast
-        dts: list[Tensor] = [g for g in (*gv, *g1) if g is not None]
-        dts += list(self.params.values())
-        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
-        tol = TOLERANCE[_least_precise(dts)]
+        worst = _Worst(self._tolerance([g for g in (*gv, *g1) if g is not None]))
         for u in self.tape:
             k = len(u.edges)
             for a, c1, shape in zip(gv[pos : pos + k], g1[pos : pos + k], u.out_shapes):
@@ -1201,16 +1236,11 @@ class Step:
                 a64 = a.double()
                 ref = c1.double() * w.to(a64.device).view(-1, *([1] * (a.dim() - 1)))
                 scale = max(float(a64.norm()), float(ref.norm()))
-                if scale == 0.0 or not math.isfinite(scale):
-                    continue
-                conclusive = True
-                err = float((a64 - ref).norm()) / scale
-                if err > tol and err > worst[0]:
-                    worst = (err, u.name)
+                worst.add(float((a64 - ref).norm()), scale, u.name)
             pos += k
-        if worst[0] > 0.0:
-            raise ValueError(_not_separable(worst, packed))
-        return conclusive
+        if worst.found:
+            raise ValueError(_not_separable(worst.found, packed))
+        return worst.conclusive
 
     def _check_separable_lean(
         self, loss: Tensor, b: int, packed: packing.Packed | None
@@ -1238,12 +1268,8 @@ class Step:
         # forms the ones kept for the total check (one gradient held, not two)
         sv, _, dts = self._sketch_pass(loss, v, b, packed)
         s1, pgrads, dts2 = self._sketch_pass(loss, None, b, packed)
-        dts += dts2 + list(self.params.values())
-        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
-        tol = TOLERANCE[_least_precise(dts)]
+        worst = _Worst(self._tolerance(dts + dts2))
         uses = list(self.tape)
-        conclusive = False
-        worst: tuple[float, str] = (0.0, "")
         for key in sorted(set(s1) | set(sv)):
             a, c1 = sv.get(key), s1.get(key)
             if a is None or c1 is None:  # one pass reached it, the other did not
@@ -1255,15 +1281,10 @@ class Step:
                 continue
             ref = c1 * w.to(c1.device, torch.float64).view(-1, 1)
             scale = max(float(a.norm()), float(ref.norm()))
-            if scale == 0.0 or not math.isfinite(scale):
-                continue
-            conclusive = True
-            err = float((a - ref).norm()) / scale
-            if err > tol and err > worst[0]:
-                worst = (err, u.name)
-        if worst[0] > 0.0:
-            raise ValueError(_not_separable(worst, packed))
-        return pgrads, conclusive
+            worst.add(float((a - ref).norm()), scale, u.name)
+        if worst.found:
+            raise ValueError(_not_separable(worst.found, packed))
+        return pgrads, worst.conclusive
 
     def _sketch_pass(
         self, loss: Tensor, v: Tensor | None, b: int, packed: packing.Packed | None
@@ -1274,7 +1295,7 @@ class Step:
         Returns the sketches ``[rows, K]`` (float64) by (record, output), the parameter
         gradients by id, and empty tensors of the gradients' dtypes."""
         params = list(self.params.values())
-        before = [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+        before = [_grad_mark(p) for p in params]
         at: dict[int, tuple[Any, list[tuple[int, int, Any, int, Any]]]] = {}
         for ui, u in enumerate(self.tape):
             for ei, (e, shape) in enumerate(zip(u.edges, u.out_shapes)):
@@ -1309,17 +1330,12 @@ class Step:
             self.tape.paused = False
             for h in handles:
                 h.remove()
-        touched = [
-            self.names[id(p)]
-            for p, ver in zip(params, before)
-            if (None if p.grad is None else (id(p.grad), p.grad._version)) != ver
-        ]
-        if touched:
-            raise ValueError(
-                f"OPOB: parameters {touched[:10]} received plain gradients during OPOB's backward "
-                "pass (a custom autograd Function that calls backward itself): their per-sample "
-                "gradients are invisible to OPOB. Nothing was changed."
-            )
+        self._refuse_plain_grads(
+            params,
+            before,
+            "OPOB's backward pass (a custom autograd Function that calls backward itself)",
+            "Nothing was changed.",
+        )
         return sk, dict(zip(map(id, params), got)), dts
 
     def _check_total_diff(self, diffs: dict[int, Tensor], ref_norms: dict[int, float]) -> None:
@@ -1327,21 +1343,13 @@ class Step:
 
         The scale is ``max(|ref|, |diff| - |ref|)`` (``|sum_i G_i| >= |diff| - |ref|``).
         """
-        dts: list[Tensor] = [p for p in self.params.values()]
-        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
-        tol = TOLERANCE[_least_precise(dts)]
-        worst: tuple[float, str] = (0.0, "")
+        worst = _Worst(self._tolerance([]))
         for pid, d in diffs.items():
             dn = float(d.double().norm())
             rn = ref_norms.get(pid, 0.0)
-            scale = max(rn, dn - rn)
-            if scale == 0.0 or not math.isfinite(scale):
-                continue
-            err = dn / scale
-            if err > tol and err > worst[0]:
-                worst = (err, self.names.get(pid, "?"))
-        if worst[0] > 0.0:
-            raise ValueError(_not_additive(worst))
+            worst.add(dn, max(rn, dn - rn), self.names.get(pid, "?"))
+        if worst.found:
+            raise ValueError(_not_additive(worst.found))
 
     def _check_total(
         self, mine_of: Callable[[int], Tensor | None], pgrads: dict[int, Tensor | None]
@@ -1354,10 +1362,7 @@ class Step:
         recorded module output and the parameters that OPOB cannot see, e.g. a
         ``Tensor.register_hook`` on a module's output that rescales its gradient.
         """
-        dts: list[Tensor] = [p for p in self.params.values()]
-        dts += [torch.empty(0, dtype=u.amp[1]) for u in self.tape if u.amp and u.amp[1]]
-        tol = TOLERANCE[_least_precise(dts)]
-        worst: tuple[float, str] = (0.0, "")
+        worst = _Worst(self._tolerance([]))
         for pid, p in self.params.items():
             ref = pgrads.get(pid)
             mine = mine_of(pid)
@@ -1367,13 +1372,9 @@ class Step:
             r64 = ref.double() if ref is not None else torch.zeros_like(p, dtype=torch.float64)
             m64 = mine if mine is not None else torch.zeros_like(r64)
             scale = max(float(r64.norm()), float(m64.norm()))
-            if scale == 0.0 or not math.isfinite(scale):
-                continue
-            err = float((m64 - r64).norm()) / scale
-            if err > tol and err > worst[0]:
-                worst = (err, self.names.get(pid, "?"))
-        if worst[0] > 0.0:
-            raise ValueError(_not_additive(worst))
+            worst.add(float((m64 - r64).norm()), scale, self.names.get(pid, "?"))
+        if worst.found:
+            raise ValueError(_not_additive(worst.found))
 
     def _norm_pass(
         self,
