@@ -272,12 +272,12 @@ def s_failure_while_writing_the_gradient():
         engine.ParamWork.weighted_sum = orig
 
 
-def s_failure_while_writing_the_gradient_fsdp2():
-    """The same under FSDP2: the flag travels in its own agreement before the reduce-scatter."""
+def _fsdp2_mlp_with_grads():
+    """An FSDP2 MLP with OPOB attached and ``.grad`` preset to 0.25, and a snapshot of the
+    local gradient shards (to check that a refused call changes nothing)."""
     from torch.distributed.fsdp import fully_shard
 
     from vcpo_optim import OPOB
-    from vcpo_optim.opob import engine
 
     model = C.make_mlp(0)
     for layer in model:
@@ -287,7 +287,14 @@ def s_failure_while_writing_the_gradient_fsdp2():
     opob = OPOB(model)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
-    snap = [p.grad.to_local().clone() for p in model.parameters()]
+    return model, opob, [p.grad.to_local().clone() for p in model.parameters()]
+
+
+def s_failure_while_writing_the_gradient_fsdp2():
+    """The same under FSDP2: the flag travels in its own agreement before the reduce-scatter."""
+    from vcpo_optim.opob import engine
+
+    model, opob, snap = _fsdp2_mlp_with_grads()
     batch = C.local_slice(C.global_batch(63, (4, 3)), (4, 3), _rank())
     orig = engine.ParamWork.weighted_sum
 
@@ -312,19 +319,7 @@ def s_failure_while_writing_the_gradient_fsdp2():
 
 def _fsdp2_mixing(sizes):
     """FSDP2, rank 0's loss mixing its samples (l - l.mean()), then a correct call."""
-    from torch.distributed.fsdp import fully_shard
-
-    from vcpo_optim import OPOB
-
-    model = C.make_mlp(0)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opob = OPOB(model)
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 0.25)
-    snap = [p.grad.to_local().clone() for p in model.parameters()]
+    model, opob, snap = _fsdp2_mlp_with_grads()
     batch = C.local_slice(C.global_batch(63, sizes), sizes, _rank())
     out = {"raised": None}
     try:

@@ -136,16 +136,10 @@ def s_tp_dp_opob_empty_replica():
     return _opob_run("group", sizes=(8, 0))
 
 
-def _tp_fault(stage: str, failing_rank: int):
-    """One backward call in which a single global rank fails (replica 1 empty).
-
-    ``stage="norms"``: before the TP norm completion; ``"write"``: after the statistics
-    exchange, while writing the gradient. Returns how the call ended and whether .grad changed.
-    """
-    import torch.distributed as dist
-
+def _tp_opob_with_grads():
+    """The TP x DP model with OPOB attached, ``.grad`` preset to 0.25, and a snapshot of the
+    full gradients (to check that a refused call changes nothing)."""
     from vcpo_optim import OPOB
-    from vcpo_optim.opob import engine
 
     mesh = _mesh()
     model = _tp_model(mesh)
@@ -156,7 +150,20 @@ def _tp_fault(stage: str, failing_rank: int):
     )
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
-    snap = [_full(p.grad) for p in model.parameters()]
+    return model, opob, [_full(p.grad) for p in model.parameters()]
+
+
+def _tp_fault(stage: str, failing_rank: int):
+    """One backward call in which a single global rank fails (replica 1 empty).
+
+    ``stage="norms"``: before the TP norm completion; ``"write"``: after the statistics
+    exchange, while writing the gradient. Returns how the call ended and whether .grad changed.
+    """
+    import torch.distributed as dist
+
+    from vcpo_optim.opob import engine
+
+    model, opob, snap = _tp_opob_with_grads()
     gb = C.global_batch(53, (8, 0))
     gb["groups"] = GROUPS
     batch = C.local_slice(gb, (8, 0), _dp_rank())
@@ -184,18 +191,7 @@ def s_tp_loss_mixing_samples_on_replica_0():
     """The first-call per-sample check under TP x DP: replica 0's loss mixes its samples; every
     rank of the mesh runs the check's backward (replica 1 has 3 samples), all raise the same
     error, nothing changes; a correct call then passes and disarms it everywhere."""
-    from vcpo_optim import OPOB
-
-    mesh = _mesh()
-    model = _tp_model(mesh)
-    opob = OPOB(
-        model,
-        process_group=mesh["dp"].get_group(),
-        tensor_parallel_group=mesh["tp"].get_group(),
-    )
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 0.25)
-    snap = [_full(p.grad) for p in model.parameters()]
+    model, opob, snap = _tp_opob_with_grads()
     gb = C.global_batch(53, SIZES)
     gb["groups"] = GROUPS
     batch = C.local_slice(gb, SIZES, _dp_rank())

@@ -76,12 +76,17 @@ def _token_loss(logits, tgt, w):
     return -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * w.to(logp.dtype)
 
 
-def _packed_loss(model, ids, pos, cu, w):
-    """Per-segment loss from one packed forward; targets are the rolled ids (as verl)."""
-    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=None, use_cache=False)
-    tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
+def _segment_loss(logits, ids, cu, w):
+    """Per-segment loss of a packed row's logits ``[N, V]``; targets are the rolled ids (as verl)."""
+    tok = _token_loss(logits, torch.roll(ids, -1, -1), w)
     seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
     return tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+
+
+def _packed_loss(model, ids, pos, cu, w):
+    """Per-segment loss from one packed forward run as transformers needs it."""
+    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=None, use_cache=False)
+    return _segment_loss(out.logits[0], ids, cu, w)
 
 
 def _alone(ids, cu, w):
@@ -183,11 +188,9 @@ def test_packed_segments_attending_to_each_other_refused(kw):
     ids, pos, cu, w = _batch()
     if kw.get("attention_mask") == "ones":
         kw = dict(kw, attention_mask=torch.ones_like(ids[None]))
-    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
     with OPOB(model) as opob:
         out = model(input_ids=ids[None], position_ids=pos[None], **kw)
-        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
-        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        loss = _segment_loss(out.logits[0], ids, cu, w)
         with pytest.raises(ValueError, match=r"attention across trajectories.*use_cache=False"):
             opob.backward(loss, torch.tensor(REWARDS, dtype=torch.float64), cu_seqlens=cu)
     assert all(p.grad is None for p in model.parameters())
@@ -201,14 +204,12 @@ def test_packed_segments_attending_to_each_other_refused_under_gradient_checkpoi
     model = _model("qwen2", "sdpa", torch.float64)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, pos, cu, w = _batch()
-    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
     with OPOB(model) as opob:
         out = model(
             input_ids=ids[None], position_ids=pos[None], attention_mask=torch.ones_like(ids[None])
         )
         assert opob._tape.deferred  # the two-pass mode, not held inputs
-        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
-        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        loss = _segment_loss(out.logits[0], ids, cu, w)
         with pytest.raises(ValueError, match=r"attention across trajectories.*use_cache=False"):
             opob.backward(loss, torch.tensor(REWARDS, dtype=torch.float64), cu_seqlens=cu)
     assert all(p.grad is None for p in model.parameters())
@@ -225,12 +226,10 @@ def test_packed_gradient_checkpointing_matches_segments_alone_and_is_checked(kw)
     ids, pos, cu, w = _batch()
     rewards = torch.tensor(REWARDS, dtype=torch.float64)
     alone = oracle(model, _alone(ids, cu, w), rewards, GROUPS, "mean", True)
-    seg = torch.repeat_interleave(torch.arange(len(LENGTHS)), cu.diff().long())
     model.zero_grad(set_to_none=True)
     with OPOB(model, scope="group", norm_by_std=True) as opob:
         out = model(input_ids=ids[None], position_ids=pos[None], **kw)
-        tok = _token_loss(out.logits[0], torch.roll(ids, -1, -1), w)
-        loss = tok.new_zeros(len(LENGTHS)).index_add(0, seg, tok[: int(cu[-1])])
+        loss = _segment_loss(out.logits[0], ids, cu, w)
         assert opob._tape.deferred and not opob._step.separable_checked
         res = opob.backward(loss, rewards, torch.tensor(GROUPS), cu_seqlens=cu)
         assert opob._step.separable_checked  # ran, passed, disarmed
