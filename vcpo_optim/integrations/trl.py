@@ -300,6 +300,14 @@ class OPOBConfig:
             )
 
 
+def _loss_mask(inputs: dict[str, Any]) -> Tensor:
+    """The tokens TRL's loss counts: ``completion_mask``, times ``tool_mask`` if present."""
+    mask = inputs["completion_mask"]
+    if inputs.get("tool_mask") is not None:
+        mask = mask * inputs["tool_mask"]
+    return mask
+
+
 def sequence_log_weights(per_token_logps: Tensor, inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
     r"""Sequence log importance weights of one TRL ``GRPOTrainer`` micro-batch.
 
@@ -323,9 +331,7 @@ def sequence_log_weights(per_token_logps: Tensor, inputs: dict[str, Any]) -> tup
             of ``per_token_logps``.
     """
     logps = per_token_logps.detach()
-    mask = inputs["completion_mask"]
-    if inputs.get("tool_mask") is not None:
-        mask = mask * inputs["tool_mask"]
+    mask = _loss_mask(inputs)
     behaviour = inputs.get("sampling_per_token_logps")
     source = "sampling_per_token_logps"
     if behaviour is None:
@@ -846,9 +852,7 @@ class VCPOGRPOTrainer(VCPOTrainerMixin, GRPOTrainer):
                 .gather(-1, completion_ids.unsqueeze(-1))
                 .squeeze(-1)
             )
-            mask = inputs["completion_mask"]
-            if inputs.get("tool_mask") is not None:
-                mask = mask * inputs["tool_mask"]
+            mask = _loss_mask(inputs)
             log_weights, live = sequence_log_weights(logp, inputs)
             w = importance_weights(log_weights, cfg.is_mode, cfg.is_cap)
             loss = per_sample_pg_loss(logp, mask, weights=w, agg=_AGG[self.loss_type])
