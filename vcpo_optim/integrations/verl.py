@@ -330,7 +330,9 @@ class _ObservingLoss:
             self._observe(kwargs["model_output"], kwargs["data"])
         return self.loss_function(*args, **kwargs)
 
-    def _observe(self, model_output: Any, data: Any) -> None:
+    def _observe(self, model_output: Any, data: Any) -> Tensor | None:
+        """Observe the micro-batch's sequence log weights; return them (``None``: no behaviour
+        log-probs in the batch, warned about, nothing observed)."""
         opt = self.optimizer
         key = behaviour_key(data)
         if key is None:
@@ -343,7 +345,7 @@ class _ObservingLoss:
                 UserWarning,
                 stacklevel=2,
             )
-            return
+            return None
         log_probs = model_output.get("log_probs") if hasattr(model_output, "get") else None
         if log_probs is None:
             raise ValueError(
@@ -354,6 +356,7 @@ class _ObservingLoss:
             )
         lw, has_tokens = sequence_log_weights(log_probs, data, key)
         opt.observe(log_weights=lw, mask=has_tokens)
+        return lw
 
 
 # ------------------------------------------------------------------ OPOB mode
@@ -683,9 +686,10 @@ class _OPOBLoss(_ObservingLoss):
         failure: BaseException | None = None
         uids: list[str] = []
         try:
-            self._observe(model_output, data)
+            lw = self._observe(model_output, data)
+            # opob_refusals requires behaviour log-probs in every training batch
+            assert lw is not None
             log_probs = model_output["log_probs"]
-            lw, _ = sequence_log_weights(log_probs, data)
             weights = importance_weights(lw, settings.is_mode, settings.is_cap)
             loss, rewards = opob_surrogate(log_probs, data, self.config, weights)
             if settings.scope == "group":
