@@ -55,7 +55,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -402,12 +402,10 @@ def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None
     spec = _typed(cls)
     if spec is not None:
         if replaced and not spec.verify:
-            spec = RuleSpec(
-                spec.fn,
-                True,
-                spec.kwargs,
-                f"{spec.source}, on a module whose forward is replaced on the instance",
-                spec.token_local,
+            spec = replace(
+                spec,
+                verify=True,
+                source=f"{spec.source}, on a module whose forward is replaced on the instance",
             )
         return spec, cls
     for s in STRUCTURAL_RULES:
@@ -424,14 +422,12 @@ def _resolve(module: nn.Module) -> tuple[RuleSpec | None, type[nn.Module] | None
         same_forward = not replaced and getattr(cls, "forward", None) is getattr(
             base, "forward", None
         )
-        return RuleSpec(
-            spec.fn,
-            spec.verify or not same_forward,
-            spec.kwargs,
-            f"{spec.source} (inherited by {cls.__name__}"
+        return replace(
+            spec,
+            verify=spec.verify or not same_forward,
+            source=f"{spec.source} (inherited by {cls.__name__}"
             + ("" if same_forward else ", which overrides forward")
             + ")",
-            spec.token_local,
         ), base
     return None, None
 
